@@ -1,0 +1,37 @@
+"""Self-attention over the paged KV cache: fused QKV projection, rotary, cache write, paged attention."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ember.config import ModelConfig
+from ember.forward_batch import ForwardBatch
+from ember.kernels import ops
+from ember.layers.linear import Linear
+from ember.layers.rope import RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.scale = self.head_dim ** -0.5
+        self.sliding_window = config.sliding_window
+        shards = (("q_proj", self.q_size), ("k_proj", self.kv_size), ("v_proj", self.kv_size))
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, config.attention_bias, shards)
+        self.o_proj = Linear(self.q_size, config.hidden_size, config.attention_bias)
+        self.rotary = rotary  # shared by all layers; not a parameter
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.reshape(t, self.num_heads, self.head_dim)  # (T, Hq, D)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)  # (T, Hk, D)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(q, k, batch.positions)
+        k_cache, v_cache = kv  # (P, Hk, page, D) each
+        ops.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        o = ops.paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens_cpu,
+                                batch.query_start_loc_cpu, self.scale, self.sliding_window)
+        return self.o_proj(o.reshape(t, self.q_size))
