@@ -14,6 +14,7 @@ from ember.io.bundled import bundled_model_path
 from ember.io.source import open_source
 from ember.memory import GiB, check_fits, estimate
 from ember.models.loader import build_model
+from ember.quant.load import quant_hook_for
 from ember.sampling_params import SamplingParams
 
 log = logging.getLogger("ember")
@@ -40,6 +41,14 @@ def resolve_dtype(name: str | None, device: torch.device, model_dtype: str) -> t
     return torch.bfloat16 if model_dtype == "bfloat16" else torch.float16
 
 
+def weight_bytes(src, dtype: torch.dtype) -> int:
+    """Bytes the weights will take on the device: as stored for quantized folders, else params x dtype."""
+    esize = torch.empty(0, dtype=dtype).element_size()
+    if src.format in ("ember", "gptq"):
+        return sum(src.tensors.nbytes(n) for n in src.tensors.names())
+    return src.config.num_parameters() * esize
+
+
 class LLM:
     """A loaded model with its tokenizer and a generator. Not thread-safe: one generation at a time."""
 
@@ -53,14 +62,13 @@ class LLM:
         if self.max_seq_len > cfg.max_position_embeddings:
             log.warning("max_seq_len %d is beyond the model's trained context (%d)", self.max_seq_len,
                         cfg.max_position_embeddings)
-        esize = torch.empty(0, dtype=self.dtype).element_size()
-        self.memory = estimate(cfg, cfg.num_parameters() * esize, self.max_seq_len, self.dtype, engine.page_size)
+        self.memory = estimate(cfg, weight_bytes(src, self.dtype), self.max_seq_len, self.dtype, engine.page_size)
         check_fits(self.memory, self.device, self.max_seq_len, engine.memory_limit_gib)
         self.tokenizer = src.tokenizer()
-        self.model = build_model(cfg, src.tensors, self.device, self.dtype, self.max_seq_len,
-                                 where=str(path), progress=progress)
+        self.model = build_model(cfg, src.tensors, self.device, self.dtype, self.max_seq_len, where=str(path),
+                                 progress=progress, quant_hook=quant_hook_for(src.format, cfg.quantization))
         pages = engine.num_pages or -(-self.max_seq_len // engine.page_size)
-        self.kv = KVCache(cfg, pages, engine.page_size, self.dtype, self.device)
+        self.kv = KVCache(cfg, pages + 1, engine.page_size, self.dtype, self.device)  # +1: decode scratch page
         self.generator = Generator(self.model, self.tokenizer, self.kv, self.max_seq_len, self.device)
         log.info("loaded %s (%s, %s) on %s as %s; weights %.2f GiB, KV cache %.2f GiB", path.name, cfg.architecture,
                  src.format, self.device, str(self.dtype).replace("torch.", ""), self.memory.weights / GiB,

@@ -11,6 +11,7 @@ import torch
 
 from ember.engine.block_manager import BlockManager
 from ember.engine.kv_cache import KVCache
+from ember.engine.runner import DecodeRunner
 from ember.engine.sampler import SamplingTensors, TokenCounts, sample
 from ember.errors import PromptTooLongError
 from ember.forward_batch import ForwardBatch
@@ -70,14 +71,37 @@ class Generator:
     def __init__(self, model, tokenizer, kv: KVCache, max_seq_len: int, device: torch.device):
         self.model, self.tokenizer, self.kv, self.device = model, tokenizer, kv, device
         self.max_seq_len = max_seq_len
-        self.blocks = BlockManager(kv.num_pages, kv.page_size)
+        self.blocks = BlockManager(kv.num_pages - 1, kv.page_size)  # the last page is the runner's scratch page
         self.kv_layers = kv.layers()
         self.stats = GenerationStats()
+        self.runner: DecodeRunner | None = None  # CUDA-graph decode, built on first use on the GPU
 
     def _forward(self, new: list[int], cached: int, pages: list[int]) -> torch.Tensor:
         batch = ForwardBatch.build([(new, cached, pages)], self.kv.page_size, self.device)
         with torch.inference_mode():
             return self.model(batch, self.kv_layers)  # (1, V) float32
+
+    def _decoder(self, pages: list[int], greedy: bool, st, counts, gen):
+        """A function (token, position) -> next token for one decode step: CUDA graphs on the GPU."""
+        if self.device.type != "cuda":
+            def eager(tok: int, pos: int) -> int:
+                return int(sample(self._forward([tok], pos, pages), st, counts, [gen])[0])
+            return eager
+        if self.runner is None:
+            self.runner = DecodeRunner(self.model, self.kv, 1, -(-self.max_seq_len // self.kv.page_size),
+                                       self.device)
+        runner, first = self.runner, [True]
+
+        def graphed(tok: int, pos: int) -> int:
+            if first[0]:
+                runner.set_sequence(0, tok, pos, pages)
+                first[0] = False
+            if greedy:
+                return int(runner.step(1, greedy=True)[0])  # the only host sync per token
+            t = sample(runner.step(1, greedy=False), st, counts, [gen])
+            runner.advance(t)
+            return int(t[0])
+        return graphed
 
     def stream_ids(self, prompt: list[int], params: SamplingParams) -> Iterator[tuple[int, str]]:
         """Yields (token_id, new_text) per generated token; sets self.stats as it goes."""
@@ -97,6 +121,8 @@ class Generator:
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device).manual_seed(params.seed)
+        plain_greedy = params.greedy and params.repetition_penalty == 1.0 and not (
+            params.frequency_penalty or params.presence_penalty)
         detok, stops = self.tokenizer.detokenizer(), StopStringFilter(params.stop)
         self.stats = stats = GenerationStats(prompt_tokens=n)
         if self.device.type == "cuda":
@@ -104,13 +130,12 @@ class Generator:
         pages = self.blocks.allocate(self.blocks.pages_for(n + budget))
         try:
             t0 = time.perf_counter()
-            logits = self._forward(prompt, 0, pages)
-            cached = n
+            tok = int(sample(self._forward(prompt, 0, pages), st, counts, [gen])[0])
+            stats.prefill_s = time.perf_counter() - t0
+            t_dec = time.perf_counter()
+            decode = self._decoder(pages, plain_greedy, st, counts, gen)
+            pos = n
             for step in range(budget):
-                tok = int(sample(logits, st, counts, [gen])[0])  # the only host sync per token
-                if step == 0:
-                    stats.prefill_s = time.perf_counter() - t0
-                    t_dec = time.perf_counter()
                 stats.generated_tokens += 1
                 if tok in eos:
                     stats.finish_reason = "stop"
@@ -122,16 +147,16 @@ class Generator:
                     break
                 if step + 1 == budget:
                     break
-                counts.update(torch.tensor([tok], device=self.device))
-                logits = self._forward([tok], cached, pages)
-                cached += 1
+                if not plain_greedy:  # penalties need the counts; plain greedy skips the host-to-device copy
+                    counts.update(torch.tensor([tok], device=self.device))
+                tok = decode(tok, pos)
+                pos += 1
             if not stats.finish_reason:
                 stats.finish_reason = "length"
                 tail = stops.push(detok.flush()) + stops.flush()
                 if tail:
                     yield -1, tail
-            if stats.generated_tokens:
-                stats.decode_s = time.perf_counter() - t_dec
+            stats.decode_s = time.perf_counter() - t_dec
         finally:
             self.blocks.release(pages)
             stats.peak_memory_gib = _peak_memory_gib(self.device)

@@ -29,9 +29,14 @@ class Attention(nn.Module):
         q = q.reshape(t, self.num_heads, self.head_dim)  # (T, Hq, D)
         k = k.reshape(t, self.num_kv_heads, self.head_dim)  # (T, Hk, D)
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(q, k, batch.positions)
         k_cache, v_cache = kv  # (P, Hk, page, D) each
-        ops.store_kv(k, v, k_cache, v_cache, batch.slot_mapping)
-        o = ops.paged_attention(q, k_cache, v_cache, batch.block_tables, batch.seq_lens_cpu,
-                                batch.query_start_loc_cpu, self.scale, self.sliding_window)
+        # rotary on q and k, and k/v written into their pages, in one launch on the GPU
+        q, k = ops.rope_store_kv(q, k, v, batch.positions, self.rotary.cos_sin, k_cache, v_cache,
+                                 batch.slot_mapping)
+        # Kernels read lengths from device tensors (CUDA-graph safe); the CPU reference loops over host lists.
+        host = not x.is_cuda and batch.seq_lens_cpu is not None
+        o = ops.paged_attention(q, k_cache, v_cache, batch.block_tables,
+                                batch.seq_lens_cpu if host else batch.seq_lens,
+                                batch.query_start_loc_cpu if host else batch.query_start_loc,
+                                self.scale, self.sliding_window, max_query_len=batch.max_query_len)
         return self.o_proj(o.reshape(t, self.q_size))

@@ -79,11 +79,10 @@ def build_model(config: ModelConfig, source, device, dtype: torch.dtype, max_pos
     parameters are planned (GPTQ / ember-quantized sources); it returns the names of source tensors it used."""
     cls = model_class(config.architecture)
     with torch.device("meta"):
-        model = cls(config, max_positions)
+        model = cls(config, max_positions).to(dtype=dtype)  # before the hook: quantized buffers keep their dtypes
     used = set(quant_hook(model, source, device) if quant_hook else ())
     plan = weight_plan(model, config)
     check_names(plan, _Without(source, used), config, where)
-    model.to(dtype=dtype)
     _materialize(model, device)
     bar = tqdm(plan, desc="loading", unit="tensor", file=sys.stderr, disable=not progress, leave=False)
     with torch.no_grad():

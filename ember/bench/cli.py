@@ -1,0 +1,66 @@
+"""`ember bench`: speed of a synthetic model of a real shape (random quantized weights built on the GPU) or
+of a real model folder. A table for people; --json makes the last stdout line one JSON object."""
+from __future__ import annotations
+
+import datetime
+import json
+
+import torch
+
+from ember.bench.synthetic import SHAPES, build_synthetic, stored_weight_bytes
+
+
+def cmd_bench(args) -> int:
+    from ember.llm import resolve_device
+
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if args.synthetic:
+        model = build_synthetic(args.synthetic, args.bpw, args.head_bits, device,
+                                max_positions=args.prompt_len + args.gen_len + 64)
+        name, bpw = args.synthetic, args.bpw
+    else:
+        from ember.config import EngineConfig
+        from ember.llm import LLM
+
+        llm = LLM(args.model, EngineConfig(device=args.device, max_seq_len=args.prompt_len + args.gen_len + 64),
+                  progress=not args.quiet)
+        model, name = llm.model, str(args.model)
+        manifest = (llm.config.quantization or {})
+        bpw = manifest.get("bpw") or manifest.get("bits")
+    from ember.bench.speed import measure
+
+    wbytes = stored_weight_bytes(model)
+    res = measure(model, device, args.prompt_len, args.gen_len, args.batch, wbytes, reps=args.reps,
+                  use_graphs=False if args.no_graphs else None)
+    row = dict(model=name, bpw=bpw, head_bits=args.head_bits if args.synthetic else None, batch=args.batch,
+               device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               prompt_len=args.prompt_len, gen_len=args.gen_len, weight_gib=wbytes / 2**30,
+               date=datetime.date.today().isoformat(), **res)
+    if args.json:
+        print(json.dumps(row))
+    else:
+        for k, v in row.items():
+            print(f"{k:<20} {v:.4g}" if isinstance(v, float) else f"{k:<20} {v}")
+    return 0
+
+
+def add_cli(sub, common) -> None:
+    b = sub.add_parser("bench", help="measure prefill/decode speed, VRAM and roofline fraction on the GPU",
+                       description="Speed of a synthetic model of a real shape (--synthetic, random quantized "
+                       "weights at --bpw built directly on the GPU) or of a model folder (--model).")
+    src = b.add_mutually_exclusive_group(required=True)
+    src.add_argument("--synthetic", choices=sorted(SHAPES), help="model shape")
+    src.add_argument("--model", help="HF / GPTQ / ember folder or .gguf file")
+    b.add_argument("--bpw", type=float, default=4.0, help="bits per weight of the synthetic decoder (default 4.0)")
+    b.add_argument("--head-bits", type=int, default=6, help="synthetic lm_head width; 16 = fp16 (default 6)")
+    b.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per sequence (default 512)")
+    b.add_argument("--gen-len", type=int, default=128, help="decoded tokens per sequence (default 128)")
+    b.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    b.add_argument("--reps", type=int, default=3, help="timed repetitions; the median is reported (default 3)")
+    b.add_argument("--device", default=None, help="cuda (default when present) or cpu")
+    b.add_argument("--no-graphs", action="store_true", help="decode eagerly instead of through CUDA graphs")
+    b.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    b.set_defaults(func=cmd_bench)

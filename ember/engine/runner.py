@@ -1,0 +1,115 @@
+"""Decode steps over static buffers, captured as CUDA graphs (one per batch size and mode).
+
+A decode step for b sequences reads only device buffers: the last token of each sequence, its position,
+its block table. Inside the graph it derives the KV slot from the block table, runs the model, picks the
+next token (greedy mode) and advances the buffers itself, so between steps the host only reads the sampled
+tokens. In "logits" mode the graph stops at the logits; the caller samples and calls `advance(tokens)`.
+
+On CPU (or with graphs disabled) the same step runs eagerly, which is how it is tested without a GPU.
+
+NOTE: capture runs a few warm-up steps that write into the KV cache; they write only into the scratch page
+(the last page of the cache, which the block manager never hands out), so capturing never corrupts a
+running sequence."""
+from __future__ import annotations
+
+import torch
+
+from ember.forward_batch import ForwardBatch
+
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+class DecodeRunner:
+    def __init__(self, model, kv, max_batch: int, max_pages: int, device: torch.device, use_graphs: bool | None = None):
+        self.model, self.kv, self.device = model, kv, device
+        self.kv_layers = kv.layers()
+        self.page_size = kv.page_size
+        self.scratch_page = kv.num_pages - 1
+        self.max_batch, self.max_pages = max_batch, max_pages
+        z = lambda *s, dt=torch.int64: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
+        self.ids, self.pos, self.tokens = z(max_batch), z(max_batch), z(max_batch)  # (Bmax,)
+        self.tables = torch.full((max_batch, max_pages), self.scratch_page, dtype=torch.int32, device=device)
+        self.seq_lens = z(max_batch, dt=torch.int32)
+        self.qsl = torch.arange(max_batch + 1, dtype=torch.int32, device=device)  # one new token per sequence
+        self.logits = torch.zeros(max_batch, model.config.vocab_size, dtype=torch.float32, device=device)
+        self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.pool = None
+
+    # -- host-side updates (between steps) ------------------------------------------------------------
+    def set_sequence(self, row: int, last_token: int, position: int, pages: list[int]) -> None:
+        """Row `row` continues a sequence whose next input is `last_token` at `position`."""
+        if len(pages) > self.max_pages:
+            raise ValueError(f"sequence needs {len(pages)} pages, the runner holds {self.max_pages}")
+        self.ids[row] = last_token
+        self.pos[row] = position
+        t = torch.full((self.max_pages,), self.scratch_page, dtype=torch.int32)
+        t[: len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        self.tables[row].copy_(t)
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        """After a logits-mode step: the sampled tokens (b,) become the next inputs."""
+        b = tokens.shape[0]
+        self.ids[:b].copy_(tokens)
+        self.pos[:b] += 1
+
+    # -- the step -------------------------------------------------------------------------------------
+    def _step(self, b: int, greedy: bool) -> None:
+        pos = self.pos[:b]  # (b,)
+        page_idx = (pos // self.page_size).unsqueeze(1)  # (b, 1)
+        slot = self.tables[:b].gather(1, page_idx).squeeze(1).long() * self.page_size + pos % self.page_size
+        self.seq_lens[:b].copy_(pos + 1)
+        batch = ForwardBatch(
+            input_ids=self.ids[:b], positions=pos, slot_mapping=slot, block_tables=self.tables[:b],
+            seq_lens=self.seq_lens[:b], query_start_loc=self.qsl[: b + 1], max_query_len=1,
+            max_seq_len=self.max_pages * self.page_size)
+        logits = self.model(batch, self.kv_layers)  # (b, V) float32
+        if greedy:
+            tok = logits.argmax(dim=-1)
+            self.tokens[:b].copy_(tok)
+            self.ids[:b].copy_(tok)
+            self.pos[:b] += 1
+        else:
+            self.logits[:b].copy_(logits)
+
+    def _graph_size(self, b: int) -> int:
+        for s in GRAPH_BATCH_SIZES:
+            if s >= b and s <= self.max_batch:
+                return s
+        return b
+
+    def _capture(self, b: int, greedy: bool):
+        saved = [t.clone() for t in (self.ids, self.pos, self.tables, self.seq_lens)]
+        self.tables[:b] = self.scratch_page  # warm-up and capture write only into the scratch page
+        self.pos[:b] = 0
+        s = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s), torch.inference_mode():
+            for _ in range(2):  # compiles the Triton kernels, builds launch plans, settles allocations
+                self.pos[:b] = 0
+                self._step(b, greedy)
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        self.pos[:b] = 0
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool), torch.inference_mode():
+            self._step(b, greedy)
+        self.pool = g.pool()
+        for t, old in zip((self.ids, self.pos, self.tables, self.seq_lens), saved):
+            t.copy_(old)
+        return g
+
+    def step(self, b: int, greedy: bool = True) -> torch.Tensor:
+        """One decode step of rows [0, b). Returns tokens (b,) in greedy mode, else logits (b, V) (device)."""
+        if not self.use_graphs:
+            with torch.inference_mode():
+                self._step(b, greedy)
+        else:
+            size = self._graph_size(b)
+            if size > b:  # padding rows decode into the scratch page and are ignored
+                self.tables[b:size] = self.scratch_page
+                self.pos[b:size] = 0
+            key = (size, greedy)
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(size, greedy)
+            self.graphs[key].replay()
+        return self.tokens[:b] if greedy else self.logits[:b]
