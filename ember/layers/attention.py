@@ -34,9 +34,11 @@ class Attention(nn.Module):
         q, k = ops.rope_store_kv(q, k, v, batch.positions, self.rotary.cos_sin, k_cache, v_cache,
                                  batch.slot_mapping)
         # Kernels read lengths from device tensors (CUDA-graph safe); the CPU reference loops over host lists.
+        # k/v and the host lists let a prefill without cached prefix run on contiguous k/v (SDPA).
         host = not x.is_cuda and batch.seq_lens_cpu is not None
         o = ops.paged_attention(q, k_cache, v_cache, batch.block_tables,
                                 batch.seq_lens_cpu if host else batch.seq_lens,
                                 batch.query_start_loc_cpu if host else batch.query_start_loc,
-                                self.scale, self.sliding_window, max_query_len=batch.max_query_len)
+                                self.scale, self.sliding_window, max_query_len=batch.max_query_len, k=k, v=v,
+                                seq_lens_cpu=batch.seq_lens_cpu, query_start_loc_cpu=batch.query_start_loc_cpu)
         return self.o_proj(o.reshape(t, self.q_size))

@@ -1,0 +1,207 @@
+"""Quantized matmul on the GPU: `qmatmul(x, qt, out=None, plan=None)` computes x @ dequantize(qt).T.
+
+`make_plan(qt)` runs once at load time (before CUDA graph capture): it cuts every segment into K splits
+and writes their metadata into small int32 tensors, one per launch mode, so a launch has a fixed grid and
+never reads anything back on the host. Modes by the number of rows M of x:
+- M == 1: FMA kernel (decode + multiply-add in fp32), split-K partial sums combined by atomic adds;
+- 2 <= M <= SMALL_ROWS: the same kernel with tl.dot on 16/32-row tiles;
+- larger M: the dot kernel with 64-row tiles up to DOT_MAX_ROWS, then dequantize to a scratch (K, N) in
+  the activation dtype + torch.matmul (cuBLAS) (`large_mode`, measured: docs/dev/qmatmul-notes.md).
+The Hadamard rotation is applied to x before the kernel: one small Triton launch for up to SMALL_ROWS rows,
+the torch matmul above that.
+Under TRITON_INTERPRET=1 the same kernels run on CPU tensors (tests), with fp32 tl.dot operands."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import triton
+import triton.language as tl
+
+from ember.kernels.qmatmul_kernels import dequant_kernel, hadamard_kernel, qmatmul_kernel
+from ember.quant.format import PLANES, QuantizedTensor
+from ember.quant.hadamard import block_hadamard, hadamard_matrix
+
+SMALL_ROWS = 32  # rows handled by the streaming kernel; above: LARGE_MODE
+# Above SMALL_ROWS: "auto" = the Triton GEMM on packed weights up to DOT_MAX_ROWS rows, then dequantize +
+# cuBLAS (H100, 4 bits, K x N 4096 x 14336: M=64 dot 81 us vs dequant 106 us; M=256 dot 186 vs 111 us).
+LARGE_MODE = "auto"
+DOT_MAX_ROWS = 64
+
+
+@dataclass
+class Launch:
+    """One launch mode: split metadata (S, 8) int32 rows [k0, tiles, bits, g, q1row, q2row, srow, kk0]."""
+    meta: torch.Tensor
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def splits(self) -> int:
+        return self.meta.shape[0]
+
+
+@dataclass
+class QMatmulPlan:
+    modes: dict[str, Launch]  # "gemv", "small", "large"
+    widths: int  # bit set of the widths present
+    has_g32: bool
+    large_mode: str  # "auto", "dequant" or "dot", for M > SMALL_ROWS
+    workspace: tuple[torch.Tensor, torch.Tensor]  # split-K sums (fp32) and counters, kept zero
+    dequant_meta: dict[int, torch.Tensor] = field(default_factory=dict)  # bits -> meta of that width
+
+
+# (mode) -> (block_n, num_warps, num_stages, target programs per SM); per-shape overrides keyed by
+# (K, N, bits, mode). Filled from scripts/bench_qmatmul.py measurements.
+# gemv: BN = 128 x num_warps gives each thread 4 whole columns (the x values it loads serve all 4); the
+# H100 sweep (docs/dev/qmatmul-notes.md) found (512, 4 warps, 8 programs per SM) best on average; 8 columns
+# per thread (fewer instructions per weight) measured slower.
+DEFAULTS = {"gemv": (512, 4, 2, 8), "small": (64, 4, 2, 4), "large": (64, 4, 2, 2)}
+TUNED: dict[tuple[int, int, int, str], tuple[int, int, int, int]] = {}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def split_meta(segments: list[list[int]], tiles_per_split: int) -> torch.Tensor:
+    """Cut each segment into runs of at most `tiles_per_split` blocks of 64 -> int32 (S, 8)."""
+    rows = []
+    for k0, k_len, bits, g, qrow, srow in segments:
+        planes = PLANES[bits]
+        q2base = qrow + k_len * planes[0] // 32  # first row of plane 2
+        for kk in range(0, k_len, 64 * tiles_per_split):
+            nt = min(tiles_per_split, (k_len - kk) // 64)
+            q1 = qrow + kk * planes[0] // 32
+            q2 = q2base + kk * planes[1] // 32 if len(planes) > 1 else 0
+            rows.append([k0 + kk, nt, bits, g, q1, q2, srow, kk])
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def _launch(segments, K: int, N: int, mode: str, device: torch.device, tiles: int | None,
+            config: tuple[int, int, int, int] | None) -> Launch:
+    bits = segments[0][2] if len(segments) == 1 else 0
+    bn, warps, stages, per_sm = config or TUNED.get((K, N, bits, mode), DEFAULTS[mode])
+    if tiles is None:  # enough programs to fill the GPU: col blocks * splits ~ per_sm * SMs
+        col_blocks = triton.cdiv(N, bn)
+        want = max(1, per_sm * _sm_count(device) // col_blocks)
+        tiles = max(1, triton.cdiv(K // 64, want))
+    return Launch(split_meta(segments, tiles).to(device), bn, warps, stages)
+
+
+def make_plan(qt: QuantizedTensor, tiles_per_split: int | None = None,
+              configs: dict[str, tuple[int, int, int, int]] | None = None,
+              large_mode: str = LARGE_MODE) -> QMatmulPlan:
+    """Precompute the launch metadata for qt (on qt's device). `tiles_per_split` overrides the split
+    heuristic; `configs` {mode: (block_n, num_warps, num_stages, programs per SM)} the tuned table."""
+    device = qt.qweight.device
+    segs = qt.segments.cpu().tolist()
+    K, N = qt.in_features, qt.out_features
+    if qt.qweight.numel() >= 2**31 or qt.scales.numel() >= 2**31:
+        raise ValueError("qmatmul uses int32 offsets: the matrix is too large")
+    widths = 0
+    for s in segs:
+        widths |= 1 << s[2]
+    configs = configs or {}
+    modes = {m: _launch(segs, K, N, m, device, tiles_per_split, configs.get(m)) for m in DEFAULTS}
+    deq = {b: split_meta([s for s in segs if s[2] == b], 4).to(device) for b in PLANES if widths >> b & 1}
+    blocks = max(triton.cdiv(N, modes[m].block_n) for m in ("gemv", "small")) * triton.cdiv(SMALL_ROWS, 16)
+    ws = _workspace(device, SMALL_ROWS * N, blocks)
+    if qt.had:
+        hadamard_matrix(qt.had, torch.float32, device)  # cached now, not during a graph capture
+    return QMatmulPlan(modes, widths, any(s[3] == 32 for s in segs), large_mode, ws, deq)
+
+
+# Split-K workspace per device: fp32 sums and per-block counters, all zero between launches (the last
+# program of each block re-zeroes what it used). Grown only by make_plan, before any graph capture; a grown
+# buffer replaces the old one for new plans while the old one stays alive for graphs that captured it.
+_WORKSPACES: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def _workspace(device: torch.device, numel: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ws = _WORKSPACES.setdefault(str(device), [])
+    if not ws or ws[-1][0].numel() < numel or ws[-1][1].numel() < counters:
+        numel = max(numel, ws[-1][0].numel() if ws else 0)
+        counters = max(counters, ws[-1][1].numel() if ws else 0)
+        ws.append((torch.zeros(numel, dtype=torch.float32, device=device),
+                   torch.zeros(counters, dtype=torch.int32, device=device)))
+    return ws[-1]
+
+
+def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int):
+    M, N = x2.shape[0], qt.out_features
+    grid = (triton.cdiv(N, launch.block_n), launch.splits, triton.cdiv(M, block_m))
+    atomic = launch.splits > 1
+    if M <= SMALL_ROWS:
+        buf, cnt = plan.workspace
+    else:  # large "dot" mode: a fresh zeroed workspace (not for graphs)
+        buf = torch.zeros(M * N, dtype=torch.float32, device=x2.device)
+        cnt = torch.zeros(grid[0] * grid[2], dtype=torch.int32, device=x2.device)
+    dummy = qt.qweight  # never read when the flag is off
+    dot_dt = tl.float32 if _interpreting() else (tl.float16 if x2.dtype == torch.float16 else tl.bfloat16)
+    qmatmul_kernel[grid](
+        x2, qt.qweight, qt.scales, dummy if qt.qzeros is None else qt.qzeros,
+        dummy if qt.perm is None else qt.perm, launch.meta, out2, buf, buf.view(torch.int32), cnt, M, N, x2.stride(0), out2.stride(0), -1,
+        BM=block_m, BN=launch.block_n, WIDTHS=plan.widths, USE_DOT=use_dot, HAS_ZEROS=qt.qzeros is not None,
+        HAS_PERM=qt.perm is not None, HAS_G32=plan.has_g32, ATOMIC=atomic, DOT_DT=dot_dt,
+        num_warps=launch.num_warps, num_stages=launch.num_stages)
+
+
+def rotate(x2: torch.Tensor, h: int) -> torch.Tensor:
+    """block_hadamard of a few rows (M <= SMALL_ROWS) in one Triton launch; x2 (M, K) contiguous."""
+    if x2.shape[0] > SMALL_ROWS or h < 16:
+        return block_hadamard(x2, h)
+    M, K = x2.shape
+    out = torch.empty_like(x2)
+    bj = min(h, 32)
+    hadamard_kernel[(M, K // h, h // bj)](x2, hadamard_matrix(h, torch.float32, x2.device), out, x2.stride(0),
+                                          out.stride(0), H=h, BJ=bj, num_warps=4)
+    return out
+
+
+def dequantize_permuted(qt: QuantizedTensor, plan: QMatmulPlan, dtype: torch.dtype) -> torch.Tensor:
+    """(K, N) weight in permuted input order (rotation not undone), by the Triton dequant kernel."""
+    N, bn = qt.out_features, 64
+    w = torch.empty((qt.in_features, N), dtype=dtype, device=qt.qweight.device)
+    for bits, meta in plan.dequant_meta.items():
+        p = PLANES[bits]
+        dequant_kernel[(triton.cdiv(N, bn), meta.shape[0])](
+            qt.qweight, qt.scales, qt.qweight if qt.qzeros is None else qt.qzeros, meta, w, N, BN=bn,
+            P1=p[0], P2=p[1] if len(p) > 1 else 0, HAS_ZEROS=qt.qzeros is not None, num_warps=4)
+    return w
+
+
+def qmatmul(x: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor | None = None,
+            plan: QMatmulPlan | None = None) -> torch.Tensor:
+    """x (..., K) fp16/bf16 -> (..., N) in x's dtype (written into `out` when given)."""
+    K, N = qt.in_features, qt.out_features
+    assert x.shape[-1] == K and x.dtype in (torch.float16, torch.bfloat16), (x.shape, x.dtype)
+    assert qt.qweight.is_contiguous() and qt.scales.dtype == torch.float16
+    plan = plan or make_plan(qt)
+    x2 = x.reshape(-1, K).contiguous()
+    if qt.had:
+        x2 = rotate(x2, qt.had)
+    M = x2.shape[0]
+    if out is None:
+        out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
+    out2 = out.view(M, N)
+    if M == 1:
+        _run_kernel(x2, qt, plan, plan.modes["gemv"], out2, use_dot=False, block_m=1)
+    elif M <= SMALL_ROWS:
+        _run_kernel(x2, qt, plan, plan.modes["small"], out2, use_dot=True, block_m=16 if M <= 16 else 32)
+    elif plan.large_mode == "dot" or (plan.large_mode == "auto" and M <= DOT_MAX_ROWS):
+        _run_kernel(x2, qt, plan, plan.modes["large"], out2, use_dot=True, block_m=64)
+    else:
+        xp = x2[:, qt.perm.long()] if qt.perm is not None else x2
+        torch.matmul(xp, dequantize_permuted(qt, plan, x.dtype), out=out2)
+    if qt.bias is not None:
+        out2 += qt.bias.to(out2.dtype)
+    return out

@@ -1,0 +1,283 @@
+"""Triton kernels of the quantized matmul y = x @ Wq^T over the ember format (docs/format.md).
+
+One program per (block of BN output columns, K split, block of BM rows). A split lies inside one segment;
+its metadata row (qmatmul.py, `split_meta`) gives its first permuted input, tile count, width, group size,
+first plane rows and scale row, so the grid is fixed and nothing is read back on the host (graph-safe).
+
+Decoding a plane of width P: a (R = 2P, BN) word tile shifted by j*P for j < V = 32/P gives a (V, R, BN)
+tile whose element (j, t) is input j*R + t of the block of 64. Integers become floats with the "magic
+number" trick: (v | 0x4B000000) read as float32 is 2^23 + v, and subtracting 2^23 + z gives v - z exactly,
+so the zero point costs nothing per weight (planes combine as (P1 - z) + 2^p1 * P2).
+
+Inner loops (constexpr USE_DOT):
+- FMA, one row: per plane a (V, R, BN) product with x laid out the same way, reduced over V in registers
+  (each thread owns whole columns), times the group scale; no reshape, no shared memory.
+- DOT, 2+ rows: planes reshaped to (64, BN), combined, cast to the activation dtype, tl.dot; the (BM, BN)
+  result is scaled per group.
+Groups of 32 (HAS_G32) split a block in halves: elements j < V/2 of every plane are inputs 0..31.
+Split-K: each program adds its partial sums into a zeroed fp32 workspace; the last program of a column
+block (an atomic counter) reads the sums back while re-zeroing them, writes the output, resets the counter.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+MAGIC = tl.constexpr(8388608.0)  # 2^23
+
+
+@triton.jit
+def _decode(q_ptr, row, offs_n, n_mask, N, P: tl.constexpr):
+    """(2P, BN) words at rows row.. -> (32/P, 2P, BN) float32 2^23 + value; [j, t] is input j*2P + t."""
+    V: tl.constexpr = 32 // P
+    R: tl.constexpr = 2 * P
+    w = tl.load(q_ptr + (row + tl.arange(0, R))[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+    v = (w[None, :, :] >> (tl.arange(0, V) * P)[:, None, None]) & ((1 << P) - 1)
+    return (v | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scale_zero(s_ptr, z_ptr, grow, offs_n, n_mask, N, HAS_ZEROS: tl.constexpr):
+    """Scale (BN,) and zero point (BN,) (0 when symmetric: the constexpr Z0 is used) of scale row grow."""
+    s = tl.load(s_ptr + grow * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        z = tl.load(z_ptr + grow * N + offs_n, mask=n_mask, other=0).to(tl.float32)
+    else:
+        z = tl.zeros(s.shape, tl.float32)
+    return s, z
+
+
+@triton.jit
+def _plane_part(q_ptr, x_ptr, perm_ptr, row, kb, offs_n, n_mask, N, z_lo, z_hi, ones, BN: tl.constexpr,
+                P: tl.constexpr,
+                WITH_ZERO: tl.constexpr, Z0: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
+                HAS_G32: tl.constexpr):
+    """Partial sums (R, BN) of x * (plane - zero) over the V slots of one plane of one block of 64, for
+    inputs 0..31 (lo) and 32..63 (hi; only when HAS_G32, else everything is in lo).
+
+    Slot j sits at bit S = j*P % 16 of the low or high 16-bit half of each word: (half & (mask << S)) | magic
+    is 2^23 + v * 2^S exactly (one LOP3), minus 2^23 + z * 2^S gives (v - z) * 2^S; the 2^-S goes on x,
+    which each thread loads once for all its columns."""
+    V: tl.constexpr = 32 // P
+    R: tl.constexpr = 2 * P
+    w = tl.load(q_ptr + (row + tl.arange(0, R))[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+    w_hi = w >> 16
+    part_lo = tl.zeros((R, BN), tl.float32)
+    part_hi = tl.zeros((R, BN), tl.float32)
+    for j in tl.static_range(V):
+        S = (j * P) % 16
+        if j * P < 16:
+            h = w
+        else:
+            h = w_hi
+        # the mask comes from the runtime `ones` (== -1) so it stays in a register: with two immediates
+        # ptxas re-materializes one constant per LOP3
+        f = ((h & ((ones & ((1 << P) - 1)) << S)) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + v*2^S
+        if WITH_ZERO:
+            if HAS_ZEROS:
+                if HAS_G32 and j >= V // 2:
+                    f = f - (z_hi * (1 << S) + MAGIC)[None, :]
+                else:
+                    f = f - (z_lo * (1 << S) + MAGIC)[None, :]
+            else:
+                f = f - (MAGIC + Z0 * (1 << S))
+        else:
+            f = f - MAGIC
+        idx = kb + j * R + tl.arange(0, R)
+        if HAS_PERM:
+            idx = tl.load(perm_ptr + idx)
+        xj = tl.load(x_ptr + idx).to(tl.float32) * (1.0 / (1 << S))  # (R,)
+        if HAS_G32 and j >= V // 2:
+            part_hi += xj[:, None] * f
+        else:
+            part_lo += xj[:, None] * f
+    return part_lo, part_hi
+
+
+@triton.jit
+def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, srow, kk0, offs_n, n_mask, N, ones,
+              BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+              HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr):
+    """One row of x over one split -> (1, BN) float32. Planes combine as (P1 - z) + 2^p1 * P2."""
+    Z0: tl.constexpr = 1 << (P1 + P2 - 1)
+    a1 = tl.zeros((2 * P1, BN), tl.float32)
+    if P2 > 0:
+        a2 = tl.zeros((2 * P2, BN), tl.float32)
+    for t in range(nt):
+        kb = tl.multiple_of(k0 + t * 64, 64)
+        s_lo, z_lo = _scale_zero(s_ptr, z_ptr, srow + (kk0 + t * 64) // g, offs_n, n_mask, N, HAS_ZEROS)
+        if HAS_G32:
+            s_hi, z_hi = _scale_zero(s_ptr, z_ptr, srow + (kk0 + t * 64 + 32) // g, offs_n, n_mask, N, HAS_ZEROS)
+        else:
+            s_hi, z_hi = s_lo, z_lo
+        lo, hi = _plane_part(q_ptr, x_ptr, perm_ptr, q1row + t * (2 * P1), kb, offs_n, n_mask, N, z_lo, z_hi,
+                             ones, BN, P1, True, Z0, HAS_ZEROS, HAS_PERM, HAS_G32)
+        a1 += lo * s_lo[None, :]
+        if HAS_G32:
+            a1 += hi * s_hi[None, :]
+        if P2 > 0:
+            lo, hi = _plane_part(q_ptr, x_ptr, perm_ptr, q2row + t * (2 * P2), kb, offs_n, n_mask, N, z_lo, z_hi,
+                                 ones, BN, P2, False, Z0, HAS_ZEROS, HAS_PERM, HAS_G32)
+            a2 += lo * (s_lo * (1 << P1))[None, :]
+            if HAS_G32:
+                a2 += hi * (s_hi * (1 << P1))[None, :]
+    y = tl.sum(a1, axis=0)
+    if P2 > 0:
+        y += tl.sum(a2, axis=0)
+    return y[None, :]
+
+
+@triton.jit
+def _codes64(q_ptr, t, q1row, q2row, offs_n, n_mask, N, BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr):
+    """(64, BN) float32 2^23 + code of tile t of a split, rows in input order."""
+    f = _decode(q_ptr, q1row + t * (2 * P1), offs_n, n_mask, N, P1)
+    f = tl.reshape(f, (64, BN))
+    if P2 > 0:
+        f2 = tl.reshape(_decode(q_ptr, q2row + t * (2 * P2), offs_n, n_mask, N, P2), (64, BN))
+        f += (f2 - MAGIC) * (1 << P1)
+    return f
+
+
+@triton.jit
+def _loop_dot(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, srow,
+              kk0, offs_n, n_mask, N, BM: tl.constexpr, BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+              HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, DOT_DT: tl.constexpr):
+    """BM rows of x over one split -> (BM, BN) float32."""
+    Z0: tl.constexpr = 1 << (P1 + P2 - 1)
+    acc = tl.zeros((BM, BN), tl.float32)
+    offs64 = tl.arange(0, 64)
+    for t in range(nt):
+        idx = tl.multiple_of(k0 + t * 64, 64) + offs64
+        if HAS_PERM:
+            idx = tl.load(perm_ptr + idx)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + idx[None, :], mask=m_mask[:, None], other=0.0)
+        x = x.to(DOT_DT)
+        f = _codes64(q_ptr, t, q1row, q2row, offs_n, n_mask, N, BN, P1, P2)
+        s_lo, z_lo = _scale_zero(s_ptr, z_ptr, srow + (kk0 + t * 64) // g, offs_n, n_mask, N, HAS_ZEROS)
+        c_lo = z_lo + (MAGIC if HAS_ZEROS else MAGIC + Z0)  # 2^23 + zero
+        if HAS_G32:
+            s_hi, z_hi = _scale_zero(s_ptr, z_ptr, srow + (kk0 + t * 64 + 32) // g, offs_n, n_mask, N, HAS_ZEROS)
+            c_hi = z_hi + (MAGIC if HAS_ZEROS else MAGIC + Z0)
+            lo = offs64 < 32
+            w = (f - tl.where(lo[:, None], c_lo[None, :], c_hi[None, :])).to(DOT_DT)
+            x_lo = tl.where(lo[None, :], x, 0.0).to(DOT_DT)
+            acc += tl.dot(x_lo, w) * s_lo[None, :] + tl.dot((x - x_lo).to(DOT_DT), w) * s_hi[None, :]
+        else:
+            acc += tl.dot(x, (f - c_lo[None, :]).to(DOT_DT)) * s_lo[None, :]
+    return acc
+
+
+@triton.jit
+def _epilogue(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mask, offs_n, n_mask, N,
+              ATOMIC: tl.constexpr):
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if ATOMIC:
+        buf_ptrs = buf_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(buf_ptrs, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial sums are issued before the counter is released
+        cnt = cnt_ptr + tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
+        if tl.atomic_add(cnt, 1, sem="acq_rel") == tl.num_programs(1) - 1:  # last split of this block
+            # read the sums back and re-zero them (exchanged as int32: same bits, wider support)
+            ibuf_ptrs = ibuf_ptr + offs_m[:, None] * N + offs_n[None, :]
+            zero = tl.zeros(acc.shape, tl.int32)
+            total = tl.atomic_xchg(ibuf_ptrs, zero, mask=mask, sem="relaxed").to(tl.float32, bitcast=True)
+            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt, 0, sem="relaxed")
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N, ones,
+           BM: tl.constexpr, BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, USE_DOT: tl.constexpr,
+           HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, DOT_DT: tl.constexpr):
+    """The partial sums (BM, BN) of the split described by the 8 int32 at `meta`, width P1 + P2."""
+    k0, nt, g = tl.load(meta), tl.load(meta + 1), tl.load(meta + 3)
+    q1row, q2row, srow, kk0 = tl.load(meta + 4), tl.load(meta + 5), tl.load(meta + 6), tl.load(meta + 7)
+    if USE_DOT:
+        acc = _loop_dot(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row,
+                        srow, kk0, offs_n, n_mask, N, BM, BN, P1, P2, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT)
+    else:  # BM == 1
+        acc = _loop_fma(x_ptr + tl.program_id(2) * stride_xm, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row,
+                        q2row, srow, kk0, offs_n, n_mask, N, ones, BN, P1, P2, HAS_ZEROS, HAS_PERM, HAS_G32)
+    return acc
+
+
+@triton.jit
+def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_ptr, ibuf_ptr, cnt_ptr, M, N,
+                   stride_xm, stride_om, ones, BM: tl.constexpr, BN: tl.constexpr, WIDTHS: tl.constexpr,
+                   USE_DOT: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
+                   HAS_G32: tl.constexpr, ATOMIC: tl.constexpr, DOT_DT: tl.constexpr):
+    """out (M, N) = x (M, K) @ Wq^T; program_id(1) = split. WIDTHS: bit b set when width b occurs, so a
+    matrix of one width compiles one loop, a mixed one a runtime branch per width present."""
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    n_mask = offs_n < N
+    offs_m = tl.program_id(2) * BM + tl.arange(0, BM)
+    m_mask = offs_m < M
+    meta = meta_ptr + tl.program_id(1) * 8
+    bits = tl.load(meta + 2)
+    acc = tl.zeros((BM, BN), tl.float32)
+    if (WIDTHS >> 2) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
+        if bits == 2:
+            acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
+                         ones, BM, BN, 2, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT)
+    if (WIDTHS >> 3) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
+        if bits == 3:
+            acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
+                         ones, BM, BN, 2, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT)
+    if (WIDTHS >> 4) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
+        if bits == 4:
+            acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
+                         ones, BM, BN, 4, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT)
+    if (WIDTHS >> 5) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
+        if bits == 5:
+            acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
+                         ones, BM, BN, 4, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT)
+    if (WIDTHS >> 6) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
+        if bits == 6:
+            acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
+                         ones, BM, BN, 4, 2, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT)
+    if (WIDTHS >> 8) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
+        if bits == 8:
+            acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
+                         ones, BM, BN, 8, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT)
+    _epilogue(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mask, offs_n, n_mask, N, ATOMIC)
+
+
+@triton.jit
+def dequant_kernel(q_ptr, s_ptr, z_ptr, meta_ptr, w_ptr, N, BN: tl.constexpr, P1: tl.constexpr,
+                   P2: tl.constexpr, HAS_ZEROS: tl.constexpr):
+    """w (K, N) in permuted input order = (q - z) * s for the splits of one width (P1 + P2 bits).
+    Used for many rows, followed by cuBLAS."""
+    pid_n, pid_s = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_mask = offs_n < N
+    meta = meta_ptr + pid_s * 8
+    k0, nt, g = tl.load(meta), tl.load(meta + 1), tl.load(meta + 3)
+    q1row, q2row, srow, kk0 = tl.load(meta + 4), tl.load(meta + 5), tl.load(meta + 6), tl.load(meta + 7)
+    Z0: tl.constexpr = 1 << (P1 + P2 - 1)
+    offs64 = tl.arange(0, 64)
+    for t in range(nt):
+        f = _codes64(q_ptr, t, q1row, q2row, offs_n, n_mask, N, BN, P1, P2)  # (64, BN)
+        ptr2 = (srow + (kk0 + t * 64 + offs64) // g)[:, None] * N + offs_n[None, :]  # scale row per input
+        s = tl.load(s_ptr + ptr2, mask=n_mask[None, :], other=0.0).to(tl.float32)
+        if HAS_ZEROS:
+            c = tl.load(z_ptr + ptr2, mask=n_mask[None, :], other=0).to(tl.float32) + MAGIC
+        else:
+            c = MAGIC + Z0
+        dst = w_ptr + (k0 + t * 64 + offs64)[:, None] * N + offs_n[None, :]
+        tl.store(dst, ((f - c) * s).to(w_ptr.dtype.element_ty), mask=n_mask[None, :])
+
+
+@triton.jit
+def hadamard_kernel(x_ptr, h_ptr, out_ptr, stride_xm, stride_om, H: tl.constexpr, BJ: tl.constexpr):
+    """out[m, b*H + j] = sum_i x[m, b*H + i] * Hmat[i, j] for the BJ outputs j of program_id(2), in fp32.
+    One launch replaces the torch path's cast + batched matmul + cast for the rotation of a few rows."""
+    m, b, jb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_i = tl.arange(0, H)
+    offs_j = jb * BJ + tl.arange(0, BJ)
+    x = tl.load(x_ptr + m * stride_xm + b * H + offs_i).to(tl.float32)  # (H,)
+    hm = tl.load(h_ptr + offs_i[:, None] * H + offs_j[None, :])  # (H, BJ)
+    y = tl.sum(x[:, None] * hm, axis=0)
+    tl.store(out_ptr + m * stride_om + b * H + offs_j, y.to(out_ptr.dtype.element_ty))

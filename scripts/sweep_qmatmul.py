@@ -1,0 +1,53 @@
+"""Sweep the batch-1 qmatmul launch config (block_n, warps, stages, programs per SM -> K split) on the
+Llama-3-8B shapes; prints the best config per (shape, width) as TUNED-table entries.
+
+  PYTHONPATH=. python3 scripts/sweep_qmatmul.py
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import torch
+
+from ember.kernels.qmatmul import make_plan, qmatmul
+from scripts.bench_qmatmul import SHAPES, graph_time, random_qt
+
+CONFIGS = [(128, 1, 2), (256, 2, 2), (512, 4, 2), (256, 4, 3), (128, 2, 3)]
+PER_SM = [1, 2, 4, 8]
+
+
+def main():
+    x = torch.randn(1, 1, device="cuda")
+    rows, best = [], {}
+    for (K, N), width in itertools.product(SHAPES, [4, 3, "mixed"]):
+        n_copies = max(2, min(15, (200 << 20) // (K * N // 2)))
+        qts = [random_qt(K, N, width) for _ in range(n_copies)]
+        x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+        for (bn, warps, stages), per_sm in itertools.product(CONFIGS, PER_SM):
+            cfg = (bn, warps, stages, per_sm)
+            plans = [make_plan(qt, configs={"gemv": cfg}) for qt in qts]
+            outs = [torch.empty(1, N, device="cuda", dtype=torch.float16) for _ in qts]
+            fns = [lambda q=q, p=p, o=o: qmatmul(x, q, out=o, plan=p) for q, p, o in zip(qts, plans, outs)]
+            t = graph_time(fns) / len(fns)
+            gbs = qts[0].stored_bits() / 8 / t / 1e9
+            rows.append(dict(K=K, N=N, width=str(width), cfg=cfg, splits=plans[0].modes["gemv"].splits, us=t * 1e6,
+                             gbs=gbs))
+            key = (K, N, str(width))
+            if key not in best or t < best[key][0]:
+                best[key] = (t, cfg, gbs)
+        print(f"{K}x{N} w{width}: best {best[(K, N, str(width))][1]} {best[(K, N, str(width))][0]*1e6:.1f} us "
+              f"{best[(K, N, str(width))][2]:.0f} GB/s", flush=True)
+        del qts
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "sweep_qmatmul.json"), "w") as f:
+            json.dump(rows, f)
+    print("TUNED = {")
+    for (K, N, w), (t, cfg, gbs) in best.items():
+        print(f"    ({K}, {N}, {w if w != 'mixed' else 0}, 'gemv'): {cfg},  # {t*1e6:.1f} us, {gbs:.0f} GB/s")
+    print("}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Paged attention kernels (split-K decode, varlen prefill over the paged cache, SDPA prefill) against
+reference.paged_attention: GQA ratios 1/3/8, pages of 16/64, ragged lengths across pages, sliding window,
+cached prefixes. Without CUDA the kernels run in Triton's CPU interpreter (on for this module only)."""
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+from ember.kernels import ops
+from ember.kernels import reference as ref
+
+# p is rounded to fp16/bf16 before the P @ V product, as in every flash kernel
+ATOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-4}
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+KERNEL_MODULES = ["attention_common", "attention_decode", "attention_prefill", "attention", "norm", "rope",
+                  "activation"]
+
+
+def _import_interpreted() -> str | None:
+    """Triton fixes interpreter-or-GPU when a function is decorated, its own library included, so without
+    CUDA import triton and the kernel modules under TRITON_INTERPRET=1, then restore the variable so other
+    test modules see no change. Returns why the kernels cannot run, or None."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language.standard as tl_std
+        from triton.runtime.interpreter import InterpretedFunction
+        if not isinstance(tl_std.sum, InterpretedFunction):
+            return "triton was imported before TRITON_INTERPRET=1 was set (run the kernel tests on their own)"
+        for name in KERNEL_MODULES:
+            mod = sys.modules.get(f"ember.kernels.{name}")
+            importlib.reload(mod) if mod is not None else importlib.import_module(f"ember.kernels.{name}")
+        return None
+    except ImportError as e:
+        return f"no triton: {e}"
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+CANNOT_INTERPRET = None if torch.cuda.is_available() else _import_interpreted()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def device():
+    """CUDA when present; otherwise CPU with EMBER_TRITON_CPU=1 while this module's tests run, so that
+    ops sends CPU tensors to the (interpreted) kernels."""
+    if torch.cuda.is_available():
+        yield torch.device("cuda")
+        return
+    if CANNOT_INTERPRET:
+        pytest.skip(CANNOT_INTERPRET)
+    os.environ["EMBER_TRITON_CPU"] = "1"  # ops route CPU tensors to the interpreted kernels
+    yield torch.device("cpu")
+    del os.environ["EMBER_TRITON_CPU"]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str) -> None:
+    """Elementwise |a - e| <= tol * (1 + |e|); NaN only where both are NaN. Names the first mismatch."""
+    a, e = actual.detach().float().cpu(), expected.detach().float().cpu()
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+    bad = ~torch.isclose(a, e, rtol=tol, atol=tol, equal_nan=True)
+    if bad.any():
+        idx = tuple(bad.nonzero()[0].tolist())
+        raise AssertionError(f"{what}: {int(bad.sum())} of {a.numel()} differ; first at {idx}: "
+                             f"got {a[idx].item()}, expected {e[idx].item()}")
+
+
+def make_batch(news, cached, hq, hk, d, page, dtype, device, seed=0):
+    """Random paged caches holding len = cached + new tokens per sequence on shuffled pages. Slots past a
+    sequence's length and unused pages are NaN: a kernel that reads them poisons its output."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [c + n for n, c in zip(news, cached)]
+    n_pages = [(s + page - 1) // page for s in lens]
+    total = sum(n_pages) + 2
+    kc = torch.full((total, hk, page, d), float("nan"))
+    vc = torch.full((total, hk, page, d), float("nan"))
+    perm = torch.randperm(total, generator=g).tolist()
+    tables = torch.zeros(len(news), max(n_pages), dtype=torch.int32)
+    for b, s in enumerate(lens):
+        pages, perm = perm[:n_pages[b]], perm[n_pages[b]:]
+        tables[b, :len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        for i, p in enumerate(pages):
+            m = min(page, s - i * page)
+            kc[p, :, :m] = torch.randn(hk, m, d, generator=g)
+            vc[p, :, :m] = torch.randn(hk, m, d, generator=g)
+    qsl = [0]
+    for n in news:
+        qsl.append(qsl[-1] + n)
+    q = torch.randn(qsl[-1], hq, d, generator=g)
+    to = lambda x: x.to(device, dtype)
+    return {"q": to(q), "k_cache": to(kc), "v_cache": to(vc), "block_tables": tables.to(device), "lens": lens,
+            "qsl": qsl}
+
+
+def run_both(kernel, bt, window, **kw):
+    """(kernel output, reference output) for a batch from make_batch; the kernel writes into a NaN buffer."""
+    q, kc, vc, tables = bt["q"], bt["k_cache"], bt["v_cache"], bt["block_tables"]
+    dev = q.device
+    lens = torch.tensor(bt["lens"], dtype=torch.int32, device=dev)
+    qsl = torch.tensor(bt["qsl"], dtype=torch.int32, device=dev)
+    scale = q.shape[-1] ** -0.5
+    out = torch.full_like(q, float("nan"))
+    got = kernel(q, kc, vc, tables, lens, qsl, scale, window, out=out, **kw)
+    want = ref.paged_attention(q, kc, vc, tables, bt["lens"], bt["qsl"], scale, window)
+    return got, want
+
+
+GQA = [(4, 4), (6, 2), (8, 1)]  # ratios 1, 3, 8
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hk", GQA)
+@pytest.mark.parametrize("page", [16, 64])
+def test_decode(device, dtype, hq, hk, page):
+    from ember.kernels.attention_decode import decode_attention
+    d = 64 if page == 16 else 128
+    window = 37 if hq == 6 else None
+    # ragged: a first token, one inside a page, one on a page edge, several pages
+    cached = [0, 9, 2 * page - 1, 3 * page + 5]
+    bt = make_batch([1] * 4, cached, hq, hk, d, page, dtype, device, seed=hq + page)
+    got, want = run_both(decode_attention, bt, window)
+    assert_close(got, want, ATOL[dtype], f"decode window={window}")
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 8])
+def test_decode_splits(device, num_splits):
+    """Every split count gives the reference result, including splits left empty by short sequences."""
+    from ember.kernels.attention_decode import decode_attention
+    bt = make_batch([1] * 3, [0, 40, 150], 6, 2, 64, 16, torch.float16, device, seed=num_splits)
+    got, want = run_both(decode_attention, bt, None, num_splits=num_splits)
+    assert_close(got, want, ATOL[torch.float16], f"decode num_splits={num_splits}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq,hk", GQA)
+@pytest.mark.parametrize("page", [16, 64])
+def test_prefill(device, dtype, hq, hk, page):
+    """Chunks of new tokens after cached prefixes (prefix caching, chunked prefill) and plain prompts."""
+    from ember.kernels.attention_prefill import prefill_attention
+    d = 128 if page == 16 else 64
+    window = 20 if hq == 8 else None
+    bt = make_batch([7, 1, 33], [0, 2 * page + 3, 12], hq, hk, d, page, dtype, device, seed=hq * page)
+    got, want = run_both(prefill_attention, bt, window, config=(32, 16, 4, 1))
+    assert_close(got, want, ATOL[dtype], f"prefill window={window}")
+
+
+def test_ops_paged_attention_dispatch(device):
+    """ops.paged_attention (device tensors or host lists, decode or not) equals the reference, and a
+    sequence with no new token is skipped."""
+    for news, cached in (([1, 1, 0, 1], [5, 70, 3, 0]), ([3, 0, 1], [5, 3, 40])):
+        bt = make_batch(news, cached, 6, 2, 64, 16, torch.float16, device)
+        args = (bt["q"], bt["k_cache"], bt["v_cache"], bt["block_tables"])
+        want = ref.paged_attention(*args, bt["lens"], bt["qsl"], 0.125, 9)
+        lens = torch.tensor(bt["lens"], dtype=torch.int32, device=device)
+        qsl = torch.tensor(bt["qsl"], dtype=torch.int32, device=device)
+        got = ops.paged_attention(*args, lens, qsl, 0.125, 9, max_query_len=max(news))
+        assert_close(got, want, ATOL[torch.float16], f"ops.paged_attention {news}")
+        got = ops.paged_attention(*args, bt["lens"], bt["qsl"], 0.125, 9)
+        assert_close(got, want, ATOL[torch.float16], f"ops.paged_attention host lists {news}")
+
+
+def new_kv(bt):
+    """The new tokens' keys/values (T, Hk, D), read back from the cache: the layer's k, v before store_kv."""
+    kc, vc, tables, page = bt["k_cache"], bt["v_cache"], bt["block_tables"].cpu(), bt["k_cache"].shape[2]
+    rows = []
+    for b, (s, e) in enumerate(zip(bt["qsl"][:-1], bt["qsl"][1:])):
+        for p in range(bt["lens"][b] - (e - s), bt["lens"][b]):
+            rows.append((int(tables[b, p // page]), p % page))
+    pages, offs = torch.tensor(rows).T.to(kc.device)
+    return kc[pages, :, offs], vc[pages, :, offs]
+
+
+@pytest.mark.parametrize("cached,window,via_sdpa", [([0, 0], None, True), ([0, 0], 8, False),
+                                                    ([0, 5], None, False)])
+def test_prefill_sdpa_dispatch(device, monkeypatch, cached, window, via_sdpa):
+    """Prompts without a cached prefix (and no window shorter than them) go through SDPA on the new k/v when
+    the caller passes them; everything else through the paged kernel. Both equal the reference."""
+    from ember.kernels import attention
+    calls = []
+    sdpa = attention.prefill_sdpa
+    monkeypatch.setattr(attention, "prefill_sdpa", lambda *a: calls.append(1) or sdpa(*a))
+    bt = make_batch([5, 33], cached, 6, 2, 64, 16, torch.float16, device)
+    k, v = new_kv(bt)
+    args = (bt["q"], bt["k_cache"], bt["v_cache"], bt["block_tables"])
+    want = ref.paged_attention(*args, bt["lens"], bt["qsl"], 0.125, window)
+    lens = torch.tensor(bt["lens"], dtype=torch.int32, device=device)
+    qsl = torch.tensor(bt["qsl"], dtype=torch.int32, device=device)
+    got = ops.paged_attention(*args, lens, qsl, 0.125, window, max_query_len=33, k=k, v=v,
+                              seq_lens_cpu=bt["lens"], query_start_loc_cpu=bt["qsl"])
+    assert_close(got, want, ATOL[torch.float16], "prefill via dispatch")
+    assert calls == ([1] if via_sdpa else [])
+
+
+# ---- GPU only: real sizes, CUDA graphs ----
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("page", [16, 64])
+def test_llama3_shapes_gpu(device, dtype, page):
+    from ember.kernels.attention_decode import decode_attention
+    from ember.kernels.attention_prefill import prefill_attention
+    bt = make_batch([1] * 5, [0, 100, 1023, 2047, 3000], 32, 8, 128, page, dtype, device, seed=1)
+    assert_close(*run_both(decode_attention, bt, None), ATOL[dtype], "decode")
+    assert_close(*run_both(decode_attention, bt, 1000), ATOL[dtype], "decode window")
+    bt = make_batch([300, 513, 64], [700, 0, 64], 32, 8, 128, page, dtype, device, seed=2)
+    assert_close(*run_both(prefill_attention, bt, None), ATOL[dtype], "prefill")
+    assert_close(*run_both(prefill_attention, bt, 256), ATOL[dtype], "prefill window")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("d", [32, 256])
+def test_head_dims_gpu(device, d):
+    from ember.kernels.attention_decode import decode_attention
+    from ember.kernels.attention_prefill import prefill_attention
+    bt = make_batch([1, 1], [77, 600], 8, 2, d, 32, torch.bfloat16, device, seed=d)
+    assert_close(*run_both(decode_attention, bt, None), ATOL[torch.bfloat16], f"decode d={d}")
+    bt = make_batch([200, 50], [0, 300], 8, 2, d, 32, torch.bfloat16, device, seed=d)
+    assert_close(*run_both(prefill_attention, bt, None), ATOL[torch.bfloat16], f"prefill d={d}")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_decode_cuda_graph(device):
+    """A captured decode step replays correctly after seq_lens, block tables and q change in place."""
+    bt = make_batch([1] * 4, [3000, 3000, 3000, 3000], 32, 8, 128, 64, torch.bfloat16, device)
+    q, kc, vc, tables = bt["q"], bt["k_cache"], bt["v_cache"], bt["block_tables"]
+    lens = torch.tensor(bt["lens"], dtype=torch.int32, device=device)
+    qsl = torch.arange(5, dtype=torch.int32, device=device)
+    run = lambda: ops.paged_attention(q, kc, vc, tables, lens, qsl, 0.1, None, max_query_len=1)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for new_lens in ([1, 64, 65, 3001], [2999, 1, 1500, 200]):
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        tables.copy_(tables.flip(0))
+        q.normal_()
+        graph.replay()
+        want = ref.paged_attention(q, kc, vc, tables, new_lens, list(range(5)), 0.1)
+        assert_close(out, want, ATOL[torch.bfloat16], f"graph replay lens={new_lens}")
