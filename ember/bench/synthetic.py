@@ -37,10 +37,15 @@ def synthetic_config(name: str) -> ModelConfig:
 
 
 def segment_spec(k: int, bpw: float, group: int = 128) -> list[tuple[int, int, int]]:
-    """Two adjacent widths (the wider first, as the converter orders them) whose average, plus the fp16
-    scale per group, hits `bpw`. Segment lengths are multiples of the group size."""
+    """Segments for a synthetic matrix of about `bpw` stored bits per weight (codes + one fp16 scale per
+    group). Within 0.25 of a supported width the matrix is uniform at that width (4.0 -> 4 bits, 4.125 bpw
+    stored, like a 4-bit GPTQ g128 model); otherwise two adjacent widths are mixed (the wider first, as the
+    converter orders them) to hit the target. Segment lengths are multiples of the group size."""
     code_bits = bpw - 16 / group
     widths = [2, 3, 4, 5, 6, 8]
+    near = min(widths, key=lambda w: abs(w - bpw))
+    if abs(near - bpw) <= 0.25:
+        return [(k, near, group)]
     lo = max((w for w in widths if w <= code_bits), default=2)
     hi = min((w for w in widths if w >= code_bits), default=8)
     if lo == hi:
@@ -72,7 +77,7 @@ def build_synthetic(name: str, bpw: float, head_bits: int, device, dtype=torch.f
             continue
         if mod_name == "lm_head" and head_bits >= 16:
             continue
-        bits = head_bits + 16 / group if mod_name == "lm_head" else bpw
+        bits = head_bits if mod_name == "lm_head" else bpw
         qt = random_quantized(mod.in_features, mod.out_features, segment_spec(mod.in_features, bits, group), device, gen)
         parent, _, attr = mod_name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, QuantLinear(qt))
@@ -85,6 +90,16 @@ def build_synthetic(name: str, bpw: float, head_bits: int, device, dtype=torch.f
                 setattr(module, attr, nn.Parameter(t.to(dtype), requires_grad=False))
     model.model.rotary.cos_sin = rope_cos_sin(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling).to(device)
     return model.eval()
+
+
+def decoder_bpw(model: nn.Module) -> float:
+    """Stored bits per weight over the decoder's quantized linears (the head excluded), as EXL2 counts."""
+    bits = weights = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear) and name != "lm_head":
+            bits += mod.qt.stored_bits()
+            weights += mod.in_features * mod.out_features
+    return bits / weights if weights else float("nan")
 
 
 def stored_weight_bytes(model: nn.Module) -> int:
