@@ -1,4 +1,5 @@
-"""Per-kernel time of one batch-1 decode step of a synthetic model (torch profiler, eager steps).
+"""Per-kernel time of one batch-1 decode step and of one 512-token prefill of a synthetic model (torch
+profiler, eager).
 
   PYTHONPATH=. python3 scripts/profile_decode.py [llama3-8b] [4.0]
 """
@@ -31,13 +32,24 @@ with profile(activities=[ProfilerActivity.CUDA]) as prof:
     for _ in range(steps):
         r.step(1)
     torch.cuda.synchronize()
-events = [e for e in prof.events() if e.device_type.name == "CUDA"]
-tot = {}
-for e in events:
-    k = e.name[:60]
-    c, t = tot.get(k, (0, 0.0))
-    tot[k] = (c + 1, t + e.device_time_total if hasattr(e, "device_time_total") else t + e.cuda_time_total)
-total = sum(t for _, t in tot.values())
-print(f"kernels per step: {sum(c for c, _ in tot.values()) / steps:.0f}, GPU busy per step {total / steps / 1e3:.3f} ms")
-for k, (c, t) in sorted(tot.items(), key=lambda kv: -kv[1][1])[:20]:
-    print(f"{t / steps:9.1f} us/step {c // steps:4d}x  {k}")
+
+
+def report(prof, steps, what):
+    tot = {}
+    for e in prof.events():
+        if e.device_type.name != "CUDA":
+            continue
+        c, t = tot.get(e.name[:60], (0, 0.0))
+        tot[e.name[:60]] = (c + 1, t + e.device_time_total)
+    total = sum(t for _, t in tot.values())
+    print(f"{what}: kernels {sum(c for c, _ in tot.values()) / steps:.0f}, GPU busy {total / steps / 1e3:.3f} ms")
+    for k, (c, t) in sorted(tot.items(), key=lambda kv: -kv[1][1])[:14]:
+        print(f"{t / steps:9.1f} us {c // steps:4d}x  {k}")
+
+
+report(prof, steps, "decode step")
+fb = ForwardBatch.build([(prompt, 0, pages)], 64, dev)
+with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+    model(fb, kv.layers())
+    torch.cuda.synchronize()
+report(prof, 1, "prefill 512")
