@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command run on the GPU machine (device tool): GPU tests + benchmarks, results under $OUT.
 #
-#   scripts/gpu_check.sh [tests] [bench8b] [exl2] [bench70b] [quick]     (default: tests bench8b exl2)
+#   scripts/gpu_check.sh [tests] [bench8b] [exl2] [gptq8b] [bench70b] [quick]   (default: tests bench8b exl2)
 #
 # Needs, carried in the ignored .whl/ folder: gguf-0.19.0 (tests), and for `exl2`/`bench70b`: exllamav2-0.3.2,
 # rich, pygments, markdown-it-py, mdurl (see bench/baselines/README.md). Python/torch/triton: the machine's own.
@@ -26,7 +26,7 @@ fi
 
 if has tests; then
   log "GPU tests"
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  timeout ${TEST_TIMEOUT:-900} python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
 fi
 
 bench() {  # ember bench ... -> one JSON line appended to bench.jsonl
@@ -34,25 +34,33 @@ bench() {  # ember bench ... -> one JSON line appended to bench.jsonl
 }
 if has bench8b; then
   log "bandwidth"; python3 bench/baselines/bandwidth.py | tee "$OUT/bandwidth.txt"
-  [ -f scripts/bench_qmatmul.py ] && { log "qmatmul"; python3 scripts/bench_qmatmul.py 2>&1 | tail -60 > "$OUT/qmatmul.txt"; }
+  if ! has quick; then log "qmatmul"; python3 scripts/bench_qmatmul.py 2>&1 | tail -60 > "$OUT/qmatmul.txt"; fi
   log "ember llama3-8b"
-  for bpw in 4.0 2.5 3.0 5.0 6.0; do bench --synthetic llama3-8b --bpw $bpw --prompt-len 512 --gen-len 128; done
-  bench --synthetic llama3-8b --bpw 4.0 --head-bits 16 --prompt-len 512 --gen-len 128
-  bench --synthetic llama3-8b --bpw 4.0 --prompt-len 2048 --gen-len 128
+  bench --synthetic llama3-8b --bpw 4.0 --head-bits 8 --prompt-len 512 --gen-len 128
+  bench --synthetic llama3-8b --bpw 4.0 --head-bits 6 --prompt-len 512 --gen-len 128
+  for bpw in 2.5 3.0 5.0 6.0; do bench --synthetic llama3-8b --bpw $bpw --head-bits 8 --prompt-len 512 --gen-len 128; done
+  bench --synthetic llama3-8b --bpw 4.0 --head-bits 8 --prompt-len 2048 --gen-len 128
+  bench --model /tmp/l3gptq --prompt-len 512 --gen-len 128
   if ! has quick; then
-    bench --model /tmp/l3gptq --prompt-len 512 --gen-len 128
+    bench --synthetic llama3-8b --bpw 4.0 --head-bits 16 --prompt-len 512 --gen-len 128
     bench --model /tmp/l3gptq --prompt-len 2048 --gen-len 128
     for b in 8 32; do bench --synthetic llama3-8b --bpw 4.0 --batch $b --prompt-len 512 --gen-len 64; done
   fi
+  [ -f scripts/profile_decode.py ] && { log "profile"; python3 scripts/profile_decode.py llama3-8b 4.0 > "$OUT/profile.txt" 2>&1; tail -34 "$OUT/profile.txt"; }
 fi
 if has exl2; then
   wait $BUILD; log "exllamav2 llama3-8b GPTQ"; tail -3 "$OUT/exl2_build.log"
   python3 bench/baselines/bench_exl2.py /tmp/l3gptq 512 128 2>&1 | grep -E "exl2" | tee "$OUT/exl2_8b_512.txt"
   python3 bench/baselines/bench_exl2.py /tmp/l3gptq 2048 128 2>&1 | grep -E "exl2" | tee "$OUT/exl2_8b_2048.txt"
 fi
+if has gptq8b; then  # ember on the very GPTQ checkpoint ExLlamaV2 runs
+  [ -d /tmp/l3gptq ] || python3 bench/baselines/make_gptq_random.py llama3-8b /tmp/l3gptq
+  log "ember llama3-8b GPTQ folder"
+  bench --model /tmp/l3gptq --prompt-len 512 --gen-len 128
+fi
 if has bench70b; then
   log "ember llama2-70b"
-  for bpw in 4.0 2.5; do bench --synthetic llama2-70b --bpw $bpw --prompt-len 512 --gen-len 64; done
+  for bpw in 4.0 2.5; do bench --synthetic llama2-70b --bpw $bpw --head-bits 8 --prompt-len 512 --gen-len 64; done
   rm -rf /tmp/l3gptq; python3 bench/baselines/make_gptq_random.py llama2-70b /tmp/l70gptq
   wait $BUILD; log "exllamav2 llama2-70b GPTQ"
   python3 bench/baselines/bench_exl2.py /tmp/l70gptq 512 64 2>&1 | grep -E "exl2" | tee "$OUT/exl2_70b.txt"

@@ -20,15 +20,21 @@ def cmd_bench(args) -> int:
         model = build_synthetic(args.synthetic, args.bpw, args.head_bits, device,
                                 max_positions=args.prompt_len + args.gen_len + 64)
         name, bpw = args.synthetic, args.bpw
-    else:
-        from ember.config import EngineConfig
-        from ember.llm import LLM
+    else:  # weights only: a speed run needs no tokenizer (random GPTQ checkpoints ship none)
+        from ember.io.source import open_source
+        from ember.llm import resolve_dtype
+        from ember.models.loader import build_model
+        from ember.quant.load import quant_hook_for
 
-        llm = LLM(args.model, EngineConfig(device=args.device, max_seq_len=args.prompt_len + args.gen_len + 64),
-                  progress=not args.quiet)
-        model, name = llm.model, str(args.model)
-        manifest = (llm.config.quantization or {})
-        bpw = manifest.get("bpw") or manifest.get("bits")
+        src = open_source(args.model)
+        dtype = resolve_dtype(None, device, src.config.torch_dtype)
+        model = build_model(src.config, src.tensors, device, dtype, args.prompt_len + args.gen_len + 64,
+                            where=str(args.model), progress=not args.quiet,
+                            quant_hook=quant_hook_for(src.format, src.config.quantization))
+        name = str(args.model)
+        q = src.config.quantization or {}
+        bpw = decoder_bpw(model) if src.format in ("ember", "gptq") else 16
+        bpw = round(bpw, 3) if bpw == bpw else q.get("bits")
     from ember.bench.speed import measure
 
     wbytes = stored_weight_bytes(model)
