@@ -12,6 +12,7 @@ from ember.kernels import reference as ref
 ATOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-4}
 from tests.kernels.common import CANNOT_INTERPRET, DTYPES, assert_close, needs_cuda  # noqa: F401
 
+
 def make_batch(news, cached, hq, hk, d, page, dtype, device, seed=0):
     """Random paged caches holding len = cached + new tokens per sequence on shuffled pages. Slots past a
     sequence's length and unused pages are NaN: a kernel that reads them poisons its output."""

@@ -12,6 +12,7 @@ from ember.kernels import reference as ref
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
 from tests.kernels.common import CANNOT_INTERPRET, DTYPES, assert_close, needs_cuda  # noqa: F401
 
+
 def poison(shape, dtype, device) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
