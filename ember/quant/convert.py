@@ -3,7 +3,7 @@
 Stages over a resumable job folder (ember/quant/job.py), each skipped when its result is already there:
   calibrate  calibration text -> token rows                          (calibrate.py)
   measure    per linear: error and exact size of every candidate      (measure.py, candidates.py)
-  allocate   one candidate per linear, least error within the budget  (allocate.py)
+  allocate   one candidate per linear, least predicted KL within budget (allocate.py)
   quantize   sequential GPTQ with the chosen settings                 (quantize.py, gptq.py)
   write      config, tokenizer, shards, manifest                      (write.py)
 
@@ -113,6 +113,8 @@ def convert(input: str | Path, output: str | Path, bpw: float, head_bits: int = 
         cal = calibrate(tok, files, rows, row_len, max_rows=DEFAULT_ROWS[dev.type], min_rows=MIN_ROWS)
         tokens, calib = cal.tokens, cal.info()
         job.write_tensors("calibrate.safetensors", {"tokens": tokens}, {"key": ckey, "info": calib})
+    log.info("calibration: %d rows x %d tokens from %d file(s) (%d tokens available)", calib["rows"],
+             calib["row_len"], len(calib["files"]), calib["available_tokens"])
     times["calibrate"] = time.perf_counter() - t
     if stop_after == "calibrate":
         return None
@@ -175,7 +177,7 @@ def add_cli(subparsers, common) -> None:
     p = subparsers.add_parser(
         "convert", help="quantize a model to the ember format at a target bits per weight",
         description="Mixed-bitrate GPTQ: measures every linear under candidate settings, allocates bits to "
-                    "minimize the error at --bpw, quantizes layer by layer. Resumable: rerun the same command "
+                    "minimize the predicted KL divergence at --bpw, quantizes layer by layer. Resumable: rerun the same command "
                     "after an interruption (state in OUTPUT/.job or --job-dir; reuse one job folder to "
                     "convert the same model at several --bpw without measuring again).")
     p.add_argument("input", nargs="?", help="HF folder, .gguf file, GPTQ or ember folder")

@@ -44,8 +44,10 @@ def _decoder_linears(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def output_fisher(model: nn.Module, tokens: torch.Tensor, device, seed: int = 0,
-                  chunk_tokens: int = 2048) -> dict[str, torch.Tensor]:
-    """{linear name: f (N,) float32 on CPU}, f_n = mean over the tokens (rows, L) of (d log p(y)/d y_n)^2."""
+                  chunk_tokens: int = 512) -> dict[str, torch.Tensor]:
+    """{linear name: f (N,) float32 on CPU}, f_n = mean over the tokens (rows, L) of (d log p(y)/d y_n)^2.
+    chunk_tokens bounds the tokens of one forward/backward: the autograd graph holds every layer's
+    activations and the (T, vocab) logits, so memory grows with it (2048 tokens took ~10 GB for SmolLM2)."""
     rows, L = tokens.shape
     cfg = model.config
     linears = _decoder_linears(model)

@@ -57,7 +57,7 @@ def obs_reference(W, H, spec):
     """Column-by-column GPTQ/OBS in float64: act-order, damping, quantize column j, spread its error with
     the current inverse Hessian, then remove j from the inverse (Schur complement). Group scales are fit
     (with the same clipping search) when a group's first column comes up."""
-    N, K = W.shape
+    K = W.shape[1]
     Wr = block_hadamard(W.double(), spec.had)
     Hr = H.double()
     if spec.had:
