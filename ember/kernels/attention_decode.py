@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ember.kernels import pdl
 from ember.kernels.attention_common import LOG2E, NO_WINDOW, dot_flags, paged_kv_step
 
 MIN_SPLIT_TOKENS = 128  # fewer keys per split than this costs more in the reduce than it wins
@@ -25,7 +26,9 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr
                    qk_scale, window, s_q_t, s_q_h, s_c_p, s_c_h, s_c_s, s_bt, s_o_t, s_o_h,
                    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
                    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_F32: tl.constexpr,
-                   DOT_PREC: tl.constexpr):
+                   DOT_PREC: tl.constexpr, PDL: tl.constexpr):
+    pdl.launch_dependents(PDL)
+    pdl.wait(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -70,7 +73,9 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr
 
 @triton.jit
 def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, qsl_ptr, out_ptr, s_o_t, s_o_h,
-                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, PDL: tl.constexpr):
+    pdl.launch_dependents(PDL)
+    pdl.wait(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     qs = tl.load(qsl_ptr + b)
@@ -130,9 +135,11 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_lo
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), HEAD_DIM=dim, PAGE=page, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, DOT_F32=dot_f32, DOT_PREC=dot_prec, num_warps=num_warps)
+        NUM_SPLITS=num_splits, DOT_F32=dot_f32, DOT_PREC=dot_prec, num_warps=num_warps,
+        **pdl.launch_kwargs(q.device))
     if num_splits > 1:
         _decode_reduce_kernel[(batch, hq)](part_o, part_lse, query_start_loc, out, out.stride(0),
-                                           out.stride(1), HEAD_DIM=dim, NUM_SPLITS=num_splits, num_warps=4)
+                                           out.stride(1), HEAD_DIM=dim, NUM_SPLITS=num_splits, num_warps=4,
+                                           **pdl.launch_kwargs(q.device))
     return out
 

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ember.kernels import pdl
 from ember.kernels.qmatmul_kernels import dequant_kernel, hadamard_kernel, qmatmul_kernel
 from ember.quant.format import PLANES, QuantizedTensor
 from ember.quant.hadamard import block_hadamard, hadamard_matrix
@@ -152,7 +153,7 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int)
         dummy if qt.perm is None else qt.perm, launch.meta, out2, buf, buf.view(torch.int32), cnt, M, N, x2.stride(0), out2.stride(0), -1,
         BM=block_m, BN=launch.block_n, WIDTHS=plan.widths, USE_DOT=use_dot, HAS_ZEROS=qt.qzeros is not None,
         HAS_PERM=qt.perm is not None, HAS_G32=plan.has_g32, ATOMIC=atomic, DOT_DT=dot_dt,
-        num_warps=launch.num_warps, num_stages=launch.num_stages)
+        num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl.launch_kwargs(x2.device))
 
 
 def rotate(x2: torch.Tensor, h: int) -> torch.Tensor:
@@ -163,7 +164,7 @@ def rotate(x2: torch.Tensor, h: int) -> torch.Tensor:
     out = torch.empty_like(x2)
     bj = min(h, 32)
     hadamard_kernel[(M, K // h, h // bj)](x2, hadamard_matrix(h, torch.float32, x2.device), out, x2.stride(0),
-                                          out.stride(0), H=h, BJ=bj, num_warps=4)
+                                          out.stride(0), H=h, BJ=bj, num_warps=4, **pdl.launch_kwargs(x2.device))
     return out
 
 
@@ -175,7 +176,8 @@ def dequantize_permuted(qt: QuantizedTensor, plan: QMatmulPlan, dtype: torch.dty
         p = PLANES[bits]
         dequant_kernel[(triton.cdiv(N, bn), meta.shape[0])](
             qt.qweight, qt.scales, qt.qweight if qt.qzeros is None else qt.qzeros, meta, w, N, BN=bn,
-            P1=p[0], P2=p[1] if len(p) > 1 else 0, HAS_ZEROS=qt.qzeros is not None, num_warps=4)
+            P1=p[0], P2=p[1] if len(p) > 1 else 0, HAS_ZEROS=qt.qzeros is not None, num_warps=4,
+            **pdl.launch_kwargs(w.device))
     return w
 
 

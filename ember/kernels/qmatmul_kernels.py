@@ -23,6 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ember.kernels import pdl
+
 MAGIC = tl.constexpr(8388608.0)  # 2^23
 
 
@@ -48,7 +50,14 @@ def _scale_zero(s_ptr, z_ptr, grow, offs_n, n_mask, N, HAS_ZEROS: tl.constexpr):
 
 
 @triton.jit
-def _plane_part(q_ptr, x_ptr, perm_ptr, row, kb, offs_n, n_mask, N, z_lo, z_hi, ones, BN: tl.constexpr,
+def _plane_words(q_ptr, row, offs_n, n_mask, N, P: tl.constexpr):
+    """The (2P, BN) int32 words of one plane of one block of 64 (zeros where n_mask is off)."""
+    return tl.load(q_ptr + (row + tl.arange(0, 2 * P))[:, None] * N + offs_n[None, :], mask=n_mask[None, :],
+                   other=0)
+
+
+@triton.jit
+def _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN: tl.constexpr,
                 P: tl.constexpr,
                 WITH_ZERO: tl.constexpr, Z0: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
                 HAS_G32: tl.constexpr):
@@ -60,7 +69,6 @@ def _plane_part(q_ptr, x_ptr, perm_ptr, row, kb, offs_n, n_mask, N, z_lo, z_hi, 
     which each thread loads once for all its columns."""
     V: tl.constexpr = 32 // P
     R: tl.constexpr = 2 * P
-    w = tl.load(q_ptr + (row + tl.arange(0, R))[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
     w_hi = w >> 16
     part_lo = tl.zeros((R, BN), tl.float32)
     part_hi = tl.zeros((R, BN), tl.float32)
@@ -95,32 +103,66 @@ def _plane_part(q_ptr, x_ptr, perm_ptr, row, kb, offs_n, n_mask, N, z_lo, z_hi, 
 
 
 @triton.jit
+def _tile_fma(a1, a2, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr,
+              P1: tl.constexpr, P2: tl.constexpr, Z0: tl.constexpr, HAS_ZEROS: tl.constexpr,
+              HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr):
+    """Accumulate one block of 64 inputs (plane words w1 / w2, group scales) into a1 / a2."""
+    lo, hi = _plane_part(w1, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN, P1, True, Z0, HAS_ZEROS, HAS_PERM,
+                         HAS_G32)
+    a1 += lo * s_lo[None, :]
+    if HAS_G32:
+        a1 += hi * s_hi[None, :]
+    if P2 > 0:
+        lo, hi = _plane_part(w2, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN, P2, False, Z0, HAS_ZEROS, HAS_PERM,
+                             HAS_G32)
+        a2 += lo * (s_lo * (1 << P1))[None, :]
+        if HAS_G32:
+            a2 += hi * (s_hi * (1 << P1))[None, :]
+    return a1, a2
+
+
+@triton.jit
+def _tile_load(q_ptr, s_ptr, z_ptr, t, g, q1row, q2row, srow, kk0, offs_n, n_mask, N, P1: tl.constexpr,
+               P2: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G32: tl.constexpr):
+    """Plane words and group scales / zeros of tile t of a split."""
+    w1 = _plane_words(q_ptr, q1row + t * (2 * P1), offs_n, n_mask, N, P1)
+    if P2 > 0:
+        w2 = _plane_words(q_ptr, q2row + t * (2 * P2), offs_n, n_mask, N, P2)
+    else:
+        w2 = w1
+    s_lo, z_lo = _scale_zero(s_ptr, z_ptr, srow + (kk0 + t * 64) // g, offs_n, n_mask, N, HAS_ZEROS)
+    if HAS_G32:
+        s_hi, z_hi = _scale_zero(s_ptr, z_ptr, srow + (kk0 + t * 64 + 32) // g, offs_n, n_mask, N, HAS_ZEROS)
+    else:
+        s_hi, z_hi = s_lo, z_lo
+    return w1, w2, s_lo, z_lo, s_hi, z_hi
+
+
+@triton.jit
 def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, srow, kk0, offs_n, n_mask, N, ones,
               BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-              HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr):
-    """One row of x over one split -> (1, BN) float32. Planes combine as (P1 - z) + 2^p1 * P2."""
+              HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, PDL: tl.constexpr):
+    """One row of x over one split -> (1, BN) float32. Planes combine as (P1 - z) + 2^p1 * P2.
+    Tile 0 is peeled off the loop and its words and scales are loaded before pdl.wait: weights are never
+    written by an earlier kernel, so under PDL their load overlaps the previous kernel's tail (the small
+    matrices give a program one or two tiles). The loop keeps the old register budget (a software-pipelined
+    loop measured 184 registers instead of 72 offline, for sm_90)."""
     Z0: tl.constexpr = 1 << (P1 + P2 - 1)
     a1 = tl.zeros((2 * P1, BN), tl.float32)
-    if P2 > 0:
-        a2 = tl.zeros((2 * P2, BN), tl.float32)
-    for t in range(nt):
-        kb = tl.multiple_of(k0 + t * 64, 64)
-        s_lo, z_lo = _scale_zero(s_ptr, z_ptr, srow + (kk0 + t * 64) // g, offs_n, n_mask, N, HAS_ZEROS)
-        if HAS_G32:
-            s_hi, z_hi = _scale_zero(s_ptr, z_ptr, srow + (kk0 + t * 64 + 32) // g, offs_n, n_mask, N, HAS_ZEROS)
-        else:
-            s_hi, z_hi = s_lo, z_lo
-        lo, hi = _plane_part(q_ptr, x_ptr, perm_ptr, q1row + t * (2 * P1), kb, offs_n, n_mask, N, z_lo, z_hi,
-                             ones, BN, P1, True, Z0, HAS_ZEROS, HAS_PERM, HAS_G32)
-        a1 += lo * s_lo[None, :]
-        if HAS_G32:
-            a1 += hi * s_hi[None, :]
-        if P2 > 0:
-            lo, hi = _plane_part(q_ptr, x_ptr, perm_ptr, q2row + t * (2 * P2), kb, offs_n, n_mask, N, z_lo, z_hi,
-                                 ones, BN, P2, False, Z0, HAS_ZEROS, HAS_PERM, HAS_G32)
-            a2 += lo * (s_lo * (1 << P1))[None, :]
-            if HAS_G32:
-                a2 += hi * (s_hi * (1 << P1))[None, :]
+    a2 = tl.zeros((2 * P2 if P2 > 0 else 1, BN), tl.float32)
+    first = 0
+    if PDL == 2:
+        w1, w2, s_lo, z_lo, s_hi, z_hi = _tile_load(q_ptr, s_ptr, z_ptr, 0, g, q1row, q2row, srow, kk0, offs_n,
+                                                    n_mask, N, P1, P2, HAS_ZEROS, HAS_G32)
+        pdl.wait(PDL)
+        a1, a2 = _tile_fma(a1, a2, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, tl.multiple_of(k0, 64), ones,
+                           BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM, HAS_G32)
+        first = 1
+    for t in range(first, nt):
+        w1, w2, s_lo, z_lo, s_hi, z_hi = _tile_load(q_ptr, s_ptr, z_ptr, t, g, q1row, q2row, srow, kk0, offs_n,
+                                                    n_mask, N, P1, P2, HAS_ZEROS, HAS_G32)
+        a1, a2 = _tile_fma(a1, a2, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr,
+                           tl.multiple_of(k0 + t * 64, 64), ones, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM, HAS_G32)
     y = tl.sum(a1, axis=0)
     if P2 > 0:
         y += tl.sum(a2, axis=0)
@@ -191,7 +233,8 @@ def _epilogue(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mas
 @triton.jit
 def _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N, ones,
            BM: tl.constexpr, BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, USE_DOT: tl.constexpr,
-           HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, DOT_DT: tl.constexpr):
+           HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, DOT_DT: tl.constexpr,
+           PDL: tl.constexpr):
     """The partial sums (BM, BN) of the split described by the 8 int32 at `meta`, width P1 + P2."""
     k0, nt, g = tl.load(meta), tl.load(meta + 1), tl.load(meta + 3)
     q1row, q2row, srow, kk0 = tl.load(meta + 4), tl.load(meta + 5), tl.load(meta + 6), tl.load(meta + 7)
@@ -200,7 +243,7 @@ def _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta
                         srow, kk0, offs_n, n_mask, N, BM, BN, P1, P2, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT)
     else:  # BM == 1
         acc = _loop_fma(x_ptr + tl.program_id(2) * stride_xm, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row,
-                        q2row, srow, kk0, offs_n, n_mask, N, ones, BN, P1, P2, HAS_ZEROS, HAS_PERM, HAS_G32)
+                        q2row, srow, kk0, offs_n, n_mask, N, ones, BN, P1, P2, HAS_ZEROS, HAS_PERM, HAS_G32, PDL)
     return acc
 
 
@@ -208,9 +251,13 @@ def _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta
 def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_ptr, ibuf_ptr, cnt_ptr, M, N,
                    stride_xm, stride_om, ones, BM: tl.constexpr, BN: tl.constexpr, WIDTHS: tl.constexpr,
                    USE_DOT: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
-                   HAS_G32: tl.constexpr, ATOMIC: tl.constexpr, DOT_DT: tl.constexpr):
+                   HAS_G32: tl.constexpr, ATOMIC: tl.constexpr, DOT_DT: tl.constexpr, PDL: tl.constexpr):
     """out (M, N) = x (M, K) @ Wq^T; program_id(1) = split. WIDTHS: bit b set when width b occurs, so a
-    matrix of one width compiles one loop, a mixed one a runtime branch per width present."""
+    matrix of one width compiles one loop, a mixed one a runtime branch per width present.
+    PDL (pdl.py): 0 off; 1 wait at the start; 2: the one-row path waits after loading its first tile."""
+    pdl.launch_dependents(PDL)
+    if USE_DOT or PDL == 1:
+        pdl.wait(PDL)
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     n_mask = offs_n < N
     offs_m = tl.program_id(2) * BM + tl.arange(0, BM)
@@ -221,35 +268,38 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
     if (WIDTHS >> 2) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 2:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 2, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT)
+                         ones, BM, BN, 2, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL)
     if (WIDTHS >> 3) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 3:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 2, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT)
+                         ones, BM, BN, 2, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL)
     if (WIDTHS >> 4) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 4:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 4, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT)
+                         ones, BM, BN, 4, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL)
     if (WIDTHS >> 5) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 5:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 4, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT)
+                         ones, BM, BN, 4, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL)
     if (WIDTHS >> 6) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 6:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 4, 2, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT)
+                         ones, BM, BN, 4, 2, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL)
     if (WIDTHS >> 8) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 8:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 8, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT)
+                         ones, BM, BN, 8, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL)
+    pdl.wait(PDL)  # a no-op after the first: covers every path before the first global write
     _epilogue(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mask, offs_n, n_mask, N, ATOMIC)
 
 
 @triton.jit
 def dequant_kernel(q_ptr, s_ptr, z_ptr, meta_ptr, w_ptr, N, BN: tl.constexpr, P1: tl.constexpr,
-                   P2: tl.constexpr, HAS_ZEROS: tl.constexpr):
+                   P2: tl.constexpr, HAS_ZEROS: tl.constexpr, PDL: tl.constexpr):
     """w (K, N) in permuted input order = (q - z) * s for the splits of one width (P1 + P2 bits).
-    Used for many rows, followed by cuBLAS."""
+    Used for many rows, followed by cuBLAS. w may reuse memory an earlier kernel still reads: wait first."""
+    pdl.launch_dependents(PDL)
+    pdl.wait(PDL)
     pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_mask = offs_n < N
@@ -271,9 +321,12 @@ def dequant_kernel(q_ptr, s_ptr, z_ptr, meta_ptr, w_ptr, N, BN: tl.constexpr, P1
 
 
 @triton.jit
-def hadamard_kernel(x_ptr, h_ptr, out_ptr, stride_xm, stride_om, H: tl.constexpr, BJ: tl.constexpr):
+def hadamard_kernel(x_ptr, h_ptr, out_ptr, stride_xm, stride_om, H: tl.constexpr, BJ: tl.constexpr,
+                    PDL: tl.constexpr):
     """out[m, b*H + j] = sum_i x[m, b*H + i] * Hmat[i, j] for the BJ outputs j of program_id(2), in fp32.
     One launch replaces the torch path's cast + batched matmul + cast for the rotation of a few rows."""
+    pdl.launch_dependents(PDL)
+    pdl.wait(PDL)
     m, b, jb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_i = tl.arange(0, H)
     offs_j = jb * BJ + tl.arange(0, BJ)

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ember.kernels import pdl
+
 
 @triton.jit
 def _rotate(src_ptr, dst_ptr, t, cos, sin, n_heads, s_src_t, s_src_h, s_dst_t, s_dst_h,
@@ -33,7 +35,9 @@ def _rope_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, ko_ptr, pos_ptr, cs_ptr, slot_ptr,
                  s_q_t, s_q_h, s_k_t, s_k_h, s_v_t, s_v_h, s_qo_t, s_qo_h, s_ko_t, s_ko_h, s_cs,
                  s_c_p, s_c_h, s_c_s,
                  HALF: tl.constexpr, PAGE: tl.constexpr, STORE_KV: tl.constexpr,
-                 BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                 BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr):
+    pdl.launch_dependents(PDL)
+    pdl.wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)[None, :]
@@ -85,7 +89,8 @@ def _launch(q, k, positions, cos_sin, kv=None, q_out=None, k_out=None):
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos_sin.stride(0),
             *kc_strides,
             HALF=dim // 2, PAGE=page, STORE_KV=kv is not None, BLOCK_HQ=triton.next_power_of_2(hq),
-            BLOCK_HK=triton.next_power_of_2(hk), BLOCK_HALF=triton.next_power_of_2(dim // 2), num_warps=4)
+            BLOCK_HK=triton.next_power_of_2(hk), BLOCK_HALF=triton.next_power_of_2(dim // 2), num_warps=4,
+            **pdl.launch_kwargs(q.device))
     return q_out, k_out
 
 
