@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The one command run on the GPU machine (device tool): GPU tests + benchmarks, results under $OUT.
 #
-#   scripts/gpu_check.sh [tests] [bench8b] [exl2] [gptq8b] [bench70b] [quick]   (default: tests bench8b exl2)
+#   scripts/gpu_check.sh [tests] [bench8b] [exl2] [gptq8b] [bench70b] [quick] [pdl] [profile] [sweep]
+#   (default: tests bench8b exl2)
+# pdl: decode/prefill of the 8B shape with each EMBER_PDL mode (kernels/pdl.py); profile: per-kernel GPU
+# time and prefill host overhead (scripts/profile_decode.py); sweep: batch-1 qmatmul launch configs.
 #
 # Needs, carried in the ignored .whl/ folder: gguf-0.19.0 (tests), and for `exl2`/`bench70b`: exllamav2-0.3.2,
 # rich, pygments, markdown-it-py, mdurl (see bench/baselines/README.md). Python/torch/triton: the machine's own.
@@ -47,6 +50,21 @@ if has bench8b; then
     for b in 8 32; do bench --synthetic llama3-8b --bpw 4.0 --batch $b --prompt-len 512 --gen-len 64; done
   fi
   [ -f scripts/profile_decode.py ] && { log "profile"; python3 scripts/profile_decode.py llama3-8b 4.0 > "$OUT/profile.txt" 2>&1; tail -34 "$OUT/profile.txt"; }
+fi
+if has pdl; then
+  log "PDL modes (EMBER_PDL=0 off, 1 wait at start, 2 first weight tile before the wait)"
+  for m in 0 1 2; do
+    EMBER_PDL=$m python3 -m ember.cli bench --json -q --synthetic llama3-8b --bpw 4.0 --head-bits 8 \
+      --prompt-len 512 --gen-len 128 2>>"$OUT/bench_err.log" | tail -1 | sed "s/^/pdl=$m /" | tee -a "$OUT/pdl.txt"
+  done
+fi
+if has profile; then
+  log "profile"; python3 scripts/profile_decode.py llama3-8b 4.0 > "$OUT/profile.txt" 2>&1; tail -60 "$OUT/profile.txt"
+fi
+if has sweep; then
+  log "qmatmul sweep"
+  python3 scripts/sweep_qmatmul.py --widths ${SWEEP_WIDTHS:-4} --shapes ${SWEEP_SHAPES:-4096x6144,4096x4096,14336x4096} \
+    2>&1 | tee "$OUT/sweep.txt" | tail -12
 fi
 if has exl2; then
   wait $BUILD; log "exllamav2 llama3-8b GPTQ"; tail -3 "$OUT/exl2_build.log"

@@ -1,6 +1,6 @@
 """Write a random float16 HF Llama folder of real shapes (default: Llama-3-8B) for timing `ember convert`.
 
-    python scripts/make_random_hf.py OUT [--layers 32] [--device cuda]
+    python scripts/make_random_hf.py OUT [--layers 32] [--device cuda] [--tokenizer-from HF_FOLDER]
 
 Weights are N(0, 0.02) (norms 1 + small noise), one safetensors shard per layer so host memory stays near
 one layer; the tokenizer is the bundled SmolLM2's (its ids are all below the vocabulary size), so the
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -41,6 +42,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer-from", help="copy tokenizer.json + tokenizer_config.json from this HF folder "
+                    "instead of writing the bundled GGUF's tokenizer (the device carries no GGUF)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -64,10 +67,14 @@ def main() -> None:
         write(i + 1, layer_tensors(i, cfg, gen, args.device))
     write(n_files - 1, {"model.norm.weight": torch.ones(h, dtype=torch.float16), "lm_head.weight": rand(v, h)})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    from ember.io.bundled import bundled_model_path
-    from ember.io.source import open_source
+    if args.tokenizer_from:
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(Path(args.tokenizer_from) / f, out / f)
+    else:
+        from ember.io.bundled import bundled_model_path
+        from ember.io.source import open_source
 
-    open_source(bundled_model_path()).tokenizer().save(out)
+        open_source(bundled_model_path()).tokenizer().save(out)
     print(f"wrote {out}: {args.layers} layers of Llama-3-8B shape")
 
 

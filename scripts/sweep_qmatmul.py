@@ -1,10 +1,11 @@
 """Sweep the batch-1 qmatmul launch config (block_n, warps, stages, programs per SM -> K split) on the
 Llama-3-8B shapes; prints the best config per (shape, width) as TUNED-table entries.
 
-  PYTHONPATH=. python3 scripts/sweep_qmatmul.py
+  PYTHONPATH=. python3 scripts/sweep_qmatmul.py [--widths 4,3,mixed] [--shapes 4096x6144,4096x4096]
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import os
@@ -14,14 +15,19 @@ import torch
 from ember.kernels.qmatmul import make_plan, qmatmul
 from scripts.bench_qmatmul import SHAPES, graph_time, random_qt
 
-CONFIGS = [(128, 1, 2), (256, 2, 2), (512, 4, 2), (256, 4, 3), (128, 2, 3)]
-PER_SM = [1, 2, 4, 8]
+CONFIGS = [(128, 1, 2), (256, 2, 2), (512, 4, 2), (1024, 8, 2), (256, 1, 2), (512, 2, 2), (128, 2, 2), (256, 4, 2)]
+PER_SM = [2, 4, 8, 16]
 
 
 def main():
-    x = torch.randn(1, 1, device="cuda")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--widths", default="4,3,mixed")
+    ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
+    a = ap.parse_args()
+    widths = [w if w == "mixed" else int(w) for w in a.widths.split(",")]
+    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     rows, best = [], {}
-    for (K, N), width in itertools.product(SHAPES, [4, 3, "mixed"]):
+    for (K, N), width in itertools.product(shapes, widths):
         n_copies = max(2, min(15, (200 << 20) // (K * N // 2)))
         qts = [random_qt(K, N, width) for _ in range(n_copies)]
         x = torch.randn(1, K, device="cuda", dtype=torch.float16)
@@ -30,7 +36,7 @@ def main():
             plans = [make_plan(qt, configs={"gemv": cfg}) for qt in qts]
             outs = [torch.empty(1, N, device="cuda", dtype=torch.float16) for _ in qts]
             fns = [lambda q=q, p=p, o=o: qmatmul(x, q, out=o, plan=p) for q, p, o in zip(qts, plans, outs)]
-            t = graph_time(fns) / len(fns)
+            t = graph_time(fns)  # seconds per matmul
             gbs = qts[0].stored_bits() / 8 / t / 1e9
             rows.append(dict(K=K, N=N, width=str(width), cfg=cfg, splits=plans[0].modes["gemv"].splits, us=t * 1e6,
                              gbs=gbs))
