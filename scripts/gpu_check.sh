@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The one command run on the GPU machine (device tool): GPU tests + benchmarks, results under $OUT.
 #
-#   scripts/gpu_check.sh [tests] [bench8b] [exl2] [gptq8b] [bench70b] [quick] [pdl] [profile] [sweep]
-#   (default: tests bench8b exl2)
+#   scripts/gpu_check.sh [smoke] [bench8b] [core] [exl2] [gptq8b] [bench70b] [bpw] [quick] [pdl] [profile]
+#                        [sweep] [tests]     (default: tests bench8b exl2)
+# smoke: the engine / model GPU tests first; tests: the whole -m gpu suite, last; core: bench8b runs only
+# 4.0 bpw (512 and 2048 tokens) and the GPTQ folder; bpw: the 2.5 / 3.0 / 5.0 / 6.0 bpw decode runs.
 # pdl: decode/prefill of the 8B shape with each EMBER_PDL mode (kernels/pdl.py); profile: per-kernel GPU
 # time and prefill host overhead (scripts/profile_decode.py); sweep: batch-1 qmatmul launch configs.
 #
@@ -27,9 +29,9 @@ if has bench8b || has exl2; then
   [ -d /tmp/l3gptq ] || python3 bench/baselines/make_gptq_random.py llama3-8b /tmp/l3gptq
 fi
 
-if has tests; then
-  log "GPU tests"
-  timeout ${TEST_TIMEOUT:-900} python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
+if has smoke; then  # the GPU tests of the newest paths first, so benchmarks never run on a broken build
+  log "GPU smoke tests"
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine tests/test_gpu_model.py 2>&1 | tee "$OUT/gpu_smoke.log" | tail -4
 fi
 
 bench() {  # ember bench ... -> one JSON line appended to bench.jsonl
@@ -40,16 +42,18 @@ if has bench8b; then
   if ! has quick; then log "qmatmul"; python3 scripts/bench_qmatmul.py 2>&1 | tail -60 > "$OUT/qmatmul.txt"; fi
   log "ember llama3-8b"
   bench --synthetic llama3-8b --bpw 4.0 --head-bits 8 --prompt-len 512 --gen-len 128
-  bench --synthetic llama3-8b --bpw 4.0 --head-bits 6 --prompt-len 512 --gen-len 128
-  for bpw in 2.5 3.0 5.0 6.0; do bench --synthetic llama3-8b --bpw $bpw --head-bits 8 --prompt-len 512 --gen-len 128; done
   bench --synthetic llama3-8b --bpw 4.0 --head-bits 8 --prompt-len 2048 --gen-len 128
   bench --model /tmp/l3gptq --prompt-len 512 --gen-len 128
+  if ! has core; then
+    bench --synthetic llama3-8b --bpw 4.0 --head-bits 6 --prompt-len 512 --gen-len 128
+    for bpw in 2.5 3.0 5.0 6.0; do bench --synthetic llama3-8b --bpw $bpw --head-bits 8 --prompt-len 512 --gen-len 128; done
+  fi
   if ! has quick; then
     bench --synthetic llama3-8b --bpw 4.0 --head-bits 16 --prompt-len 512 --gen-len 128
     bench --model /tmp/l3gptq --prompt-len 2048 --gen-len 128
     for b in 8 32; do bench --synthetic llama3-8b --bpw 4.0 --batch $b --prompt-len 512 --gen-len 64; done
   fi
-  [ -f scripts/profile_decode.py ] && { log "profile"; python3 scripts/profile_decode.py llama3-8b 4.0 > "$OUT/profile.txt" 2>&1; tail -34 "$OUT/profile.txt"; }
+  has core || [ ! -f scripts/profile_decode.py ] || { log "profile"; python3 scripts/profile_decode.py llama3-8b 4.0 > "$OUT/profile.txt" 2>&1; tail -34 "$OUT/profile.txt"; }
 fi
 if has pdl; then
   log "PDL modes (EMBER_PDL=0 off, 1 wait at start, 2 first weight tile before the wait)"
@@ -82,5 +86,14 @@ if has bench70b; then
   rm -rf /tmp/l3gptq; python3 bench/baselines/make_gptq_random.py llama2-70b /tmp/l70gptq
   wait $BUILD; log "exllamav2 llama2-70b GPTQ"
   python3 bench/baselines/bench_exl2.py /tmp/l70gptq 512 64 2>&1 | grep -E "exl2" | tee "$OUT/exl2_70b.txt"
+fi
+if has bpw; then
+  log "ember llama3-8b by bpw"
+  for bpw in 2.5 3.0 5.0 6.0; do bench --synthetic llama3-8b --bpw $bpw --head-bits 8 --prompt-len 512 --gen-len 128; done
+fi
+if has tests; then
+  log "GPU tests"
+  timeout ${TEST_TIMEOUT:-900} python3 -m pytest -q -m gpu -p no:cacheprovider --durations=12 tests 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -22
 fi
 log "done"

@@ -8,6 +8,7 @@ import time
 import torch
 
 from ember.engine.kv_cache import KVCache, kv_bytes_per_token
+from ember.engine.prefill_runner import PrefillRunner
 from ember.engine.runner import DecodeRunner
 from ember.forward_batch import ForwardBatch
 
@@ -53,15 +54,24 @@ def measure(model, device, prompt_len: int, gen_len: int, batch: int, weight_byt
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    prefill_times, first = [], None
-    with torch.inference_mode():
-        for _ in range(reps + 1):  # the first run compiles kernels
-            _sync(device)
-            t0 = time.perf_counter()
-            logits = model(fb, layers)
-            first = logits.argmax(-1).tolist()
-            prefill_times.append(time.perf_counter() - t0)
-    prefill_s = statistics.median(prefill_times[1:])
+    def timed(forward) -> tuple[float, list[int]]:
+        times, first = [], None
+        with torch.inference_mode():
+            for _ in range(reps + 1):  # the first run compiles kernels (and captures the graph)
+                _sync(device)
+                t0 = time.perf_counter()
+                first = forward().argmax(-1).tolist()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:]), first
+
+    # The engine's path (Generator): one sequence -> a CUDA graph per padded length (PrefillRunner);
+    # eager is measured too, as the fallback and for batches.
+    eager_s, first = timed(lambda: model(fb, layers))
+    prefill_s, graph_used = eager_s, False
+    prefill = PrefillRunner(model, kv, pages_per_seq, device, use_graphs)
+    if batch == 1 and prefill.applies(prompt_len):
+        prefill_s, first = timed(lambda: prefill.forward(prompts[0], tables[0]))
+        graph_used = True
 
     runner = DecodeRunner(model, kv, batch, pages_per_seq, device, use_graphs)
     decode_times = []
@@ -81,6 +91,8 @@ def measure(model, device, prompt_len: int, gen_len: int, batch: int, weight_byt
     bw = copy_bandwidth(device)
     return dict(
         prefill_tok_s=batch * prompt_len / prefill_s,
+        prefill_eager_tok_s=batch * prompt_len / eager_s,
+        prefill_graph=graph_used,
         decode_tok_s=batch * gen_len / decode_s,
         decode_ms_per_step=step_s * 1e3,
         vram_gib=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,

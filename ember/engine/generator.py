@@ -11,6 +11,7 @@ import torch
 
 from ember.engine.block_manager import BlockManager
 from ember.engine.kv_cache import KVCache
+from ember.engine.prefill_runner import PrefillRunner
 from ember.engine.runner import DecodeRunner
 from ember.engine.sampler import SamplingTensors, TokenCounts, sample
 from ember.errors import PromptTooLongError
@@ -75,6 +76,7 @@ class Generator:
         self.kv_layers = kv.layers()
         self.stats = GenerationStats()
         self.runner: DecodeRunner | None = None  # CUDA-graph decode, built on first use on the GPU
+        self.prefill = PrefillRunner(model, kv, -(-max_seq_len // kv.page_size), device)  # graphs on the GPU
 
     def _forward(self, new: list[int], cached: int, pages: list[int]) -> torch.Tensor:
         batch = ForwardBatch.build([(new, cached, pages)], self.kv.page_size, self.device)
@@ -130,7 +132,7 @@ class Generator:
         pages = self.blocks.allocate(self.blocks.pages_for(n + budget))
         try:
             t0 = time.perf_counter()
-            tok = int(sample(self._forward(prompt, 0, pages), st, counts, [gen])[0])
+            tok = int(sample(self.prefill.forward(prompt, pages), st, counts, [gen])[0])
             stats.prefill_s = time.perf_counter() - t0
             t_dec = time.perf_counter()
             decode = self._decoder(pages, plain_greedy, st, counts, gen)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ember.engine.sampler import argmax
 from ember.forward_batch import ForwardBatch
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
@@ -65,7 +66,7 @@ class DecodeRunner:
             max_seq_len=self.max_pages * self.page_size)
         logits = self.model(batch, self.kv_layers)  # (b, V) float32
         if greedy:
-            tok = logits.argmax(dim=-1)
+            tok = argmax(logits)
             self.tokens[:b].copy_(tok)
             self.ids[:b].copy_(tok)
             self.pos[:b] += 1

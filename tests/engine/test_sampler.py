@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from ember.engine.sampler import SamplingTensors, TokenCounts, apply_penalties, make_generators, sample
+from ember.engine.sampler import SamplingTensors, TokenCounts, apply_penalties, argmax, make_generators, sample
 from ember.errors import ConfigError
 from ember.sampling_params import SamplingParams
 
@@ -247,3 +247,14 @@ def test_from_kwargs():
     assert p.temperature == 1.0 and isinstance(p.temperature, float)
     assert p.stop == ("\n\n",) and p.stop_token_ids == (2,) and hash(p) == hash(SamplingParams(
         temperature=1.0, stop=("\n\n",), stop_token_ids=(2,)))
+
+
+@pytest.mark.parametrize("v", [128256, 49152, 32000, 10007])
+def test_two_pass_argmax_equals_torch_with_ties(v):
+    g = torch.Generator().manual_seed(v)
+    x = torch.randn(5, v, generator=g)
+    x[1, 17] = x[1, v - 3] = 100.0  # a tie in different chunks: the first index wins
+    x[2, :] = 0.0  # everything tied
+    x[3, v - 1] = 50.0  # the last element
+    x[4, 3] = x[4, 4] = 60.0  # a tie inside one chunk
+    assert torch.equal(argmax(x), x.argmax(dim=-1))
