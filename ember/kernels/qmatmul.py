@@ -137,7 +137,7 @@ def _workspace(device: torch.device, numel: int, counters: int) -> tuple[torch.T
     return ws[-1]
 
 
-def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int):
+def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int, silu: bool = False):
     M, N = x2.shape[0], qt.out_features
     grid = (triton.cdiv(N, launch.block_n), launch.splits, triton.cdiv(M, block_m))
     atomic = launch.splits > 1
@@ -150,10 +150,11 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int)
     dot_dt = tl.float32 if _interpreting() else (tl.float16 if x2.dtype == torch.float16 else tl.bfloat16)
     qmatmul_kernel[grid](
         x2, qt.qweight, qt.scales, dummy if qt.qzeros is None else qt.qzeros,
-        dummy if qt.perm is None else qt.perm, launch.meta, out2, buf, buf.view(torch.int32), cnt, M, N, x2.stride(0), out2.stride(0), -1,
+        dummy if qt.perm is None else qt.perm, launch.meta, out2, buf, buf.view(torch.int32), cnt, M, N, x2.stride(0),
+        out2.stride(0), -1, qt.in_features,
         BM=block_m, BN=launch.block_n, WIDTHS=plan.widths, USE_DOT=use_dot, HAS_ZEROS=qt.qzeros is not None,
         HAS_PERM=qt.perm is not None, HAS_G32=plan.has_g32, ATOMIC=atomic, DOT_DT=dot_dt,
-        num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl.launch_kwargs(x2.device))
+        SILU=silu, num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl.launch_kwargs(x2.device))
 
 
 def rotate(x2: torch.Tensor, h: int) -> torch.Tensor:
@@ -182,9 +183,25 @@ def dequantize_permuted(qt: QuantizedTensor, plan: QMatmulPlan, dtype: torch.dty
 
 
 def qmatmul(x: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor | None = None,
-            plan: QMatmulPlan | None = None) -> torch.Tensor:
-    """x (..., K) fp16/bf16 -> (..., N) in x's dtype (written into `out` when given)."""
+            plan: QMatmulPlan | None = None, silu_input: bool = False) -> torch.Tensor:
+    """x (..., K) fp16/bf16 -> (..., N) in x's dtype (written into `out` when given).
+    silu_input: x is (..., 2K) = [gate | up] and the input is silu(gate) * up (the SwiGLU down projection):
+    fused into the weight stream for one row without rotation, else a separate SiLU-mul first."""
     K, N = qt.in_features, qt.out_features
+    if silu_input:
+        assert x.shape[-1] == 2 * K, (x.shape, K)
+        if x.numel() != 2 * K or qt.had:
+            from ember.kernels.activation import silu_and_mul
+
+            return qmatmul(silu_and_mul(x), qt, out, plan)
+        plan = plan or make_plan(qt)
+        x2 = x.reshape(1, 2 * K).contiguous()
+        if out is None:
+            out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
+        _run_kernel(x2, qt, plan, plan.modes["gemv"], out.view(1, N), use_dot=False, block_m=1, silu=True)
+        if qt.bias is not None:
+            out += qt.bias.to(out.dtype)
+        return out
     assert x.shape[-1] == K and x.dtype in (torch.float16, torch.bfloat16), (x.shape, x.dtype)
     assert qt.qweight.is_contiguous() and qt.scales.dtype == torch.float16
     plan = plan or make_plan(qt)

@@ -57,10 +57,10 @@ def _plane_words(q_ptr, row, offs_n, n_mask, N, P: tl.constexpr):
 
 
 @triton.jit
-def _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN: tl.constexpr,
+def _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, silu_off, BN: tl.constexpr,
                 P: tl.constexpr,
                 WITH_ZERO: tl.constexpr, Z0: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
-                HAS_G32: tl.constexpr):
+                HAS_G32: tl.constexpr, SILU: tl.constexpr):
     """Partial sums (R, BN) of x * (plane - zero) over the V slots of one plane of one block of 64, for
     inputs 0..31 (lo) and 32..63 (hi; only when HAS_G32, else everything is in lo).
 
@@ -94,7 +94,11 @@ def _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN: tl.constexpr,
         idx = kb + j * R + tl.arange(0, R)
         if HAS_PERM:
             idx = tl.load(perm_ptr + idx)
-        xj = tl.load(x_ptr + idx).to(tl.float32) * (1.0 / (1 << S))  # (R,)
+        xj = tl.load(x_ptr + idx).to(tl.float32)  # (R,)
+        if SILU:  # x is [gate | up] (2K wide): the input is silu(gate) * up, in fp32
+            up = tl.load(x_ptr + silu_off + idx).to(tl.float32)
+            xj = xj / (1.0 + tl.exp(-xj)) * up
+        xj = xj * (1.0 / (1 << S))
         if HAS_G32 and j >= V // 2:
             part_hi += xj[:, None] * f
         else:
@@ -103,18 +107,18 @@ def _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN: tl.constexpr,
 
 
 @triton.jit
-def _tile_fma(a1, a2, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr,
+def _tile_fma(a1, a2, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, kb, ones, silu_off, BN: tl.constexpr,
               P1: tl.constexpr, P2: tl.constexpr, Z0: tl.constexpr, HAS_ZEROS: tl.constexpr,
-              HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr):
+              HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, SILU: tl.constexpr):
     """Accumulate one block of 64 inputs (plane words w1 / w2, group scales) into a1 / a2."""
-    lo, hi = _plane_part(w1, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN, P1, True, Z0, HAS_ZEROS, HAS_PERM,
-                         HAS_G32)
+    lo, hi = _plane_part(w1, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, silu_off, BN, P1, True, Z0, HAS_ZEROS,
+                         HAS_PERM, HAS_G32, SILU)
     a1 += lo * s_lo[None, :]
     if HAS_G32:
         a1 += hi * s_hi[None, :]
     if P2 > 0:
-        lo, hi = _plane_part(w2, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN, P2, False, Z0, HAS_ZEROS, HAS_PERM,
-                             HAS_G32)
+        lo, hi = _plane_part(w2, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, silu_off, BN, P2, False, Z0, HAS_ZEROS,
+                             HAS_PERM, HAS_G32, SILU)
         a2 += lo * (s_lo * (1 << P1))[None, :]
         if HAS_G32:
             a2 += hi * (s_hi * (1 << P1))[None, :]
@@ -140,8 +144,9 @@ def _tile_load(q_ptr, s_ptr, z_ptr, t, g, q1row, q2row, srow, kk0, offs_n, n_mas
 
 @triton.jit
 def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, srow, kk0, offs_n, n_mask, N, ones,
-              BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-              HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, PDL: tl.constexpr):
+              silu_off, BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+              HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, PDL: tl.constexpr,
+              SILU: tl.constexpr):
     """One row of x over one split -> (1, BN) float32. Planes combine as (P1 - z) + 2^p1 * P2.
     Tile 0 is peeled off the loop and its words and scales are loaded before pdl.wait: weights are never
     written by an earlier kernel, so under PDL their load overlaps the previous kernel's tail (the small
@@ -156,13 +161,14 @@ def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, sro
                                                     n_mask, N, P1, P2, HAS_ZEROS, HAS_G32)
         pdl.wait(PDL)
         a1, a2 = _tile_fma(a1, a2, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, tl.multiple_of(k0, 64), ones,
-                           BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM, HAS_G32)
+                           silu_off, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM, HAS_G32, SILU)
         first = 1
     for t in range(first, nt):
         w1, w2, s_lo, z_lo, s_hi, z_hi = _tile_load(q_ptr, s_ptr, z_ptr, t, g, q1row, q2row, srow, kk0, offs_n,
                                                     n_mask, N, P1, P2, HAS_ZEROS, HAS_G32)
         a1, a2 = _tile_fma(a1, a2, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr,
-                           tl.multiple_of(k0 + t * 64, 64), ones, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM, HAS_G32)
+                           tl.multiple_of(k0 + t * 64, 64), ones, silu_off, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM,
+                           HAS_G32, SILU)
     y = tl.sum(a1, axis=0)
     if P2 > 0:
         y += tl.sum(a2, axis=0)
@@ -231,10 +237,10 @@ def _epilogue(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mas
 
 
 @triton.jit
-def _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N, ones,
+def _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N, ones, silu_off,
            BM: tl.constexpr, BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, USE_DOT: tl.constexpr,
            HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, DOT_DT: tl.constexpr,
-           PDL: tl.constexpr):
+           PDL: tl.constexpr, SILU: tl.constexpr):
     """The partial sums (BM, BN) of the split described by the 8 int32 at `meta`, width P1 + P2."""
     k0, nt, g = tl.load(meta), tl.load(meta + 1), tl.load(meta + 3)
     q1row, q2row, srow, kk0 = tl.load(meta + 4), tl.load(meta + 5), tl.load(meta + 6), tl.load(meta + 7)
@@ -243,18 +249,22 @@ def _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta
                         srow, kk0, offs_n, n_mask, N, BM, BN, P1, P2, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT)
     else:  # BM == 1
         acc = _loop_fma(x_ptr + tl.program_id(2) * stride_xm, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row,
-                        q2row, srow, kk0, offs_n, n_mask, N, ones, BN, P1, P2, HAS_ZEROS, HAS_PERM, HAS_G32, PDL)
+                        q2row, srow, kk0, offs_n, n_mask, N, ones, silu_off, BN, P1, P2, HAS_ZEROS, HAS_PERM,
+                        HAS_G32, PDL, SILU)
     return acc
 
 
 @triton.jit
 def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_ptr, ibuf_ptr, cnt_ptr, M, N,
-                   stride_xm, stride_om, ones, BM: tl.constexpr, BN: tl.constexpr, WIDTHS: tl.constexpr,
+                   stride_xm, stride_om, ones, silu_off, BM: tl.constexpr, BN: tl.constexpr, WIDTHS: tl.constexpr,
                    USE_DOT: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
-                   HAS_G32: tl.constexpr, ATOMIC: tl.constexpr, DOT_DT: tl.constexpr, PDL: tl.constexpr):
+                   HAS_G32: tl.constexpr, ATOMIC: tl.constexpr, DOT_DT: tl.constexpr, PDL: tl.constexpr,
+                   SILU: tl.constexpr):
     """out (M, N) = x (M, K) @ Wq^T; program_id(1) = split. WIDTHS: bit b set when width b occurs, so a
     matrix of one width compiles one loop, a mixed one a runtime branch per width present.
-    PDL (pdl.py): 0 off; 1 wait at the start; 2: the one-row path waits after loading its first tile."""
+    PDL (pdl.py): 0 off; 1 wait at the start; 2: the one-row path waits after loading its first tile.
+    SILU (one-row path only): x rows are [gate | up], gate at x, up at x + silu_off; the matmul input is
+    silu(gate) * up, computed on load (saves the SiLU-mul launch before the down projection)."""
     pdl.launch_dependents(PDL)
     if USE_DOT or PDL == 1:
         pdl.wait(PDL)
@@ -268,27 +278,27 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
     if (WIDTHS >> 2) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 2:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 2, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL)
+                         ones, silu_off, BM, BN, 2, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU)
     if (WIDTHS >> 3) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 3:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 2, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL)
+                         ones, silu_off, BM, BN, 2, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU)
     if (WIDTHS >> 4) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 4:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 4, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL)
+                         ones, silu_off, BM, BN, 4, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU)
     if (WIDTHS >> 5) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 5:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 4, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL)
+                         ones, silu_off, BM, BN, 4, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU)
     if (WIDTHS >> 6) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 6:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 4, 2, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL)
+                         ones, silu_off, BM, BN, 4, 2, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU)
     if (WIDTHS >> 8) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 8:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 8, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL)
+                         ones, silu_off, BM, BN, 8, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU)
     pdl.wait(PDL)  # a no-op after the first: covers every path before the first global write
     _epilogue(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mask, offs_n, n_mask, N, ATOMIC)
 

@@ -17,4 +17,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(i, h, config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))  # (T, 2I) -> (T, I) -> (T, H)
+        gate_up = self.gate_up_proj(x)  # (T, 2I)
+        fused = getattr(self.down_proj, "forward_silu", None)  # quantized layers fuse SiLU-mul into their load
+        if fused is not None:
+            return fused(gate_up)  # (T, H)
+        return self.down_proj(ops.silu_and_mul(gate_up))  # (T, 2I) -> (T, I) -> (T, H)

@@ -56,5 +56,17 @@ class QuantLinear(nn.Module):
         y = x @ w.T
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
+    def forward_silu(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """self(silu(gate) * up) for gate_up (..., 2K) = [gate | up]; on CUDA the SiLU-mul happens inside the
+        matmul's input load for one row (decode), saving a launch."""
+        if gate_up.is_cuda and gate_up.dtype in (torch.float16, torch.bfloat16):
+            from ember.kernels.qmatmul import qmatmul
+
+            self.prepare()
+            return qmatmul(gate_up, self.qt, plan=self._plan, silu_input=True)
+        from ember.kernels import ops
+
+        return self.forward(ops.silu_and_mul(gate_up))
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, had={self.had}"

@@ -79,6 +79,32 @@ def test_single_split_direct_store_and_dot_large_mode():
     check(qt, 40, torch.float16, tiles=1, large_mode="dot")
 
 
+def check_silu(qt, M, dtype, tiles=None):
+    """qmatmul(gate_up, silu_input=True) == (silu(gate) * up) @ W^T, the SwiGLU down projection."""
+    K = qt.in_features
+    gate_up = torch.randn(M, 2 * K, device=DEV).to(dtype) * 2
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    ref = (torch.nn.functional.silu(gate) * up) @ dequantize(qt).to(DEV).T
+    if qt.bias is not None:
+        ref = ref + qt.bias.float()
+    plan = make_plan(qt, tiles)
+    out = qmatmul(gate_up, qt, plan=plan, silu_input=True)
+    assert out.shape == (M, qt.out_features) and out.dtype == dtype
+    buf, cnt = plan.workspace
+    assert not buf.any() and not cnt.any(), "split-K workspace not left zeroed"
+    err = (out.float() - ref).norm() / ref.norm()
+    assert err < TOL, f"rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("case", ["4bit", "mixed_perm_zeros", "rotated_fallback", "rows_fallback"])
+def test_silu_input(case):
+    if case == "mixed_perm_zeros":
+        qt = make_qt([(128, 3, 64), (64, 8, 32)], 40, asym=True, use_perm=True, bias=True)
+    else:
+        qt = make_qt([(192, 4, 64)], 40, had=64 if case == "rotated_fallback" else 0)
+    check_silu(qt, 3 if case == "rows_fallback" else 1, torch.float16, tiles=2)
+
+
 @pytest.mark.parametrize("h", [16, 64])
 def test_rotate_kernel_matches_block_hadamard(h):
     x = torch.randn(3, 4 * h, device=DEV).half()
@@ -125,3 +151,12 @@ def test_gpu_cuda_graph_capture():
     g.replay()
     ref = x.float() @ dequantize(qt).cuda().T
     assert ((out.float() - ref).norm() / ref.norm()) < TOL
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gpu_silu_input(dtype):
+    check_silu(make_qt([(64 * 23, 4, 64)], 1000), 1, dtype)
+    spec = [(1024, 5, 128), (512, 4, 32), (1536, 3, 64), (64, 8, 64), (960, 6, 64)]
+    check_silu(make_qt(spec, 777, asym=True, use_perm=True, bias=True), 1, dtype)
