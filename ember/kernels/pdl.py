@@ -28,8 +28,9 @@ def _capable(index: int) -> bool:
 
 
 def mode(device: torch.device) -> int:
-    """0: off; 1: every kernel waits at its start; 2 (default): the one-row quantized matmul first loads its
-    first weight tile, then waits."""
+    """0: off; 1: every kernel waits at its start; 2 (default): the one-row quantized matmul of a one-plane,
+    one-width matrix (2, 4 or 8 bits) first loads its first weight tile, then waits (qmatmul._pdl_kwargs;
+    other matrices use 1). H100, Llama-3-8B 4-bit decode: 340.3 / 351.6 / 355.8 tok/s for 0 / 1 / 2."""
     want = int(os.environ.get("EMBER_PDL", "2"))
     if os.environ.get("TRITON_INTERPRET", "0") == "1" or want == 0 or device.type != "cuda":
         return 0

@@ -137,6 +137,19 @@ def _workspace(device: torch.device, numel: int, counters: int) -> tuple[torch.T
     return ws[-1]
 
 
+ONE_PLANE = (1 << 2, 1 << 4, 1 << 8)  # `widths` of a matrix of one width stored in one bit plane
+
+
+def _pdl_kwargs(plan: QMatmulPlan, device: torch.device) -> dict:
+    """PDL mode 2 (first weight tile loaded before the wait) only for one-plane, one-width matrices: it
+    duplicates the tile code, which made ptxas take 30 s for a 3-bit and 166 s for a mixed-width kernel
+    (offline, sm_90) instead of 2 and 10 s; the others wait at the start (mode 1)."""
+    kw = pdl.launch_kwargs(device)
+    if kw["PDL"] == 2 and plan.widths not in ONE_PLANE:
+        kw["PDL"] = 1
+    return kw
+
+
 def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int, silu: bool = False):
     M, N = x2.shape[0], qt.out_features
     grid = (triton.cdiv(N, launch.block_n), launch.splits, triton.cdiv(M, block_m))
@@ -154,7 +167,7 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int,
         out2.stride(0), -1, qt.in_features,
         BM=block_m, BN=launch.block_n, WIDTHS=plan.widths, USE_DOT=use_dot, HAS_ZEROS=qt.qzeros is not None,
         HAS_PERM=qt.perm is not None, HAS_G32=plan.has_g32, ATOMIC=atomic, DOT_DT=dot_dt,
-        SILU=silu, num_warps=launch.num_warps, num_stages=launch.num_stages, **pdl.launch_kwargs(x2.device))
+        SILU=silu, num_warps=launch.num_warps, num_stages=launch.num_stages, **_pdl_kwargs(plan, x2.device))
 
 
 def rotate(x2: torch.Tensor, h: int) -> torch.Tensor:

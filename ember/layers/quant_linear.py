@@ -6,10 +6,17 @@ launch plan built once (call `prepare()` before capturing CUDA graphs). Elsewher
 bytes)."""
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 from ember.quant.format import QuantizedTensor, dequantize
+
+
+# Off by default: on the H100 the fused SiLU made the 8B decode slower (334.4 tok/s against 362.8 / 358.5
+# without, one call): every program recomputes the SiLU of its inputs for its columns (docs/benchmarks.md).
+FUSE_SILU = os.environ.get("EMBER_FUSE_SILU", "0") == "1"
 
 
 class QuantLinear(nn.Module):
@@ -57,9 +64,9 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def forward_silu(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """self(silu(gate) * up) for gate_up (..., 2K) = [gate | up]; on CUDA the SiLU-mul happens inside the
-        matmul's input load for one row (decode), saving a launch."""
-        if gate_up.is_cuda and gate_up.dtype in (torch.float16, torch.bfloat16):
+        """self(silu(gate) * up) for gate_up (..., 2K) = [gate | up]. With EMBER_FUSE_SILU=1, on CUDA the
+        SiLU-mul happens inside the matmul's input load for one row (decode), saving a launch."""
+        if gate_up.is_cuda and gate_up.dtype in (torch.float16, torch.bfloat16) and FUSE_SILU:
             from ember.kernels.qmatmul import qmatmul
 
             self.prepare()
