@@ -25,7 +25,7 @@ class RopeScaling:
     freq_factors: tuple[float, ...] | None = None
 
     @classmethod
-    def from_hf(cls, d: dict | None) -> "RopeScaling":
+    def from_hf(cls, d: dict | None) -> RopeScaling:
         if not d:
             return cls()
         kind = d.get("rope_type", d.get("type", "none"))
@@ -95,7 +95,7 @@ class ModelConfig:
         return v * h + self.num_layers * per_layer + h + head
 
     @classmethod
-    def from_hf(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+    def from_hf(cls, d: dict, source: str = "config.json") -> ModelConfig:
         """Build from a Hugging Face config.json dict. Missing required keys are an error naming the key."""
         missing = [k for k in REQUIRED_HF_KEYS if k not in d]
         if missing:
@@ -142,7 +142,7 @@ class ModelConfig:
             quantization=d.get("quantization_config"),
         )
 
-    def replace(self, **kw) -> "ModelConfig":
+    def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
 

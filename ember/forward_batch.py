@@ -40,7 +40,7 @@ class ForwardBatch:
     @staticmethod
     def build(
         seqs: list[tuple[list[int], int, list[int]]], page_size: int, device, need_all_logits: bool = False
-    ) -> "ForwardBatch":
+    ) -> ForwardBatch:
         """Build from host lists: one (new_tokens, num_cached, page_ids) tuple per sequence, where
         num_cached tokens of the sequence are already in the cache and page_ids covers all of them plus
         the new ones."""
@@ -57,7 +57,7 @@ class ForwardBatch:
             qsl.append(qsl[-1] + n)
             lens.append(cached + n)
             tables.append(list(pages) + [0] * (max_pages - len(pages)))
-        as_t = lambda v, dt: torch.tensor(v, dtype=dt, device=device)  # noqa: E731
+        as_t = lambda v, dt: torch.tensor(v, dtype=dt, device=device)
         logits_idx = None if need_all_logits else as_t([q - 1 for q in qsl[1:]], torch.int64)
         return ForwardBatch(
             input_ids=as_t(ids, torch.int64),

@@ -115,7 +115,7 @@ class SamplingParams:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def from_kwargs(cls, **kw: Any) -> "SamplingParams":
+    def from_kwargs(cls, **kw: Any) -> SamplingParams:
         """Build from keyword arguments (API / CLI / JSON), rejecting unknown keys."""
         valid = cls.field_names()
         unknown = sorted(set(kw) - set(valid))

@@ -7,9 +7,10 @@ A tokenizer comes from an HF folder (tokenizer.json + tokenizer_config.json) or 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -67,7 +68,7 @@ class Tokenizer:
 
     # ---- loading and saving -------------------------------------------------------------------------
     @classmethod
-    def from_hf_folder(cls, path: str | Path) -> "Tokenizer":
+    def from_hf_folder(cls, path: str | Path) -> Tokenizer:
         """Load tokenizer.json (+ tokenizer_config.json, special_tokens_map.json, chat_template.jinja)."""
         folder = Path(path)
         if not (folder / "tokenizer.json").is_file():
@@ -93,7 +94,7 @@ class Tokenizer:
                    eos_ids=cfg.get(_EOS_IDS_KEY, ()))
 
     @classmethod
-    def from_gguf_metadata(cls, meta: dict) -> "Tokenizer":
+    def from_gguf_metadata(cls, meta: dict) -> Tokenizer:
         """Build from a plain dict of GGUF metadata (tokenizer.ggml.* and tokenizer.chat_template)."""
         tok, add_bos = build_from_gguf(meta)
         def name(key: str) -> str | None:
@@ -161,7 +162,7 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(int(i))
 
-    def detokenizer(self, skip_special_tokens: bool = False) -> "IncrementalDetokenizer":
+    def detokenizer(self, skip_special_tokens: bool = False) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self, skip_special_tokens)
 
     # ---- chat ---------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from ember.tokenizer import Tokenizer
 out = Path(".gpu_assets/tiny-smol")
 out.mkdir(parents=True, exist_ok=True)
 Tokenizer.from_gguf_metadata(GGUFFile(bundled_model_path()).metadata).save(out)
-import transformers  # noqa: E402
+import transformers
 
 cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,

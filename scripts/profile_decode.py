@@ -3,7 +3,9 @@ profiler, eager).
 
   PYTHONPATH=. python3 scripts/profile_decode.py [llama3-8b] [4.0]
 """
+import statistics
 import sys
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -56,11 +58,6 @@ report(prof, 1, "prefill 512")
 
 # Host overhead of an eager prefill: wall time (synchronized) against the same forward replayed as one CUDA
 # graph (no launch cost), and the host-side ops that cost most.
-import statistics  # noqa: E402
-import time  # noqa: E402
-
-from torch.profiler import record_function  # noqa: E402,F401
-
 
 def wall(fn, reps=5):
     ts = []

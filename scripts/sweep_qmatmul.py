@@ -35,7 +35,7 @@ def main():
             cfg = (bn, warps, stages, per_sm)
             plans = [make_plan(qt, configs={"gemv": cfg}) for qt in qts]
             outs = [torch.empty(1, N, device="cuda", dtype=torch.float16) for _ in qts]
-            fns = [lambda q=q, p=p, o=o: qmatmul(x, q, out=o, plan=p) for q, p, o in zip(qts, plans, outs)]
+            fns = [lambda q=q, p=p, o=o, x=x: qmatmul(x, q, out=o, plan=p) for q, p, o in zip(qts, plans, outs)]
             t = graph_time(fns)  # seconds per matmul
             gbs = qts[0].stored_bits() / 8 / t / 1e9
             rows.append(dict(K=K, N=N, width=str(width), cfg=cfg, splits=plans[0].modes["gemv"].splits, us=t * 1e6,

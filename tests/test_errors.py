@@ -5,7 +5,13 @@ import pytest
 import torch
 
 import ember
-from ember.errors import ConfigError, OutOfMemoryError, PromptTooLongError, UnsupportedArchitectureError, WeightsError
+from ember.errors import (
+    ConfigError,
+    OutOfMemoryError,
+    PromptTooLongError,
+    UnsupportedArchitectureError,
+    WeightsError,
+)
 from ember.io.source import open_source
 from ember.models.loader import build_model
 from tests.models.tiny import write_tiny

@@ -27,7 +27,7 @@ class DecodeRunner:
         self.page_size = kv.page_size
         self.scratch_page = kv.num_pages - 1
         self.max_batch, self.max_pages = max_batch, max_pages
-        z = lambda *s, dt=torch.int64: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
+        z = lambda *s, dt=torch.int64: torch.zeros(*s, dtype=dt, device=device)
         self.ids, self.pos, self.tokens = z(max_batch), z(max_batch), z(max_batch)  # (Bmax,)
         self.tables = torch.full((max_batch, max_pages), self.scratch_page, dtype=torch.int32, device=device)
         self.seq_lens = z(max_batch, dt=torch.int32)

@@ -15,7 +15,6 @@ seed and its logits, never on the other rows of the batch.
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +47,7 @@ class SamplingTensors:
 
     @classmethod
     def from_params(cls, params: list[SamplingParams], device: torch.device | str,
-                    vocab_size: int) -> "SamplingTensors":
+                    vocab_size: int) -> SamplingTensors:
         def f32(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32, device=device)
 
@@ -110,7 +109,7 @@ class TokenCounts:
 
     @classmethod
     def from_prompts(cls, prompts: list[list[int]], vocab_size: int, device: torch.device | str,
-                     outputs: list[list[int]] | None = None) -> "TokenCounts":
+                     outputs: list[list[int]] | None = None) -> TokenCounts:
         """`outputs` (tokens generated so far) lets the runner rebuild the state for a new batch."""
         b = len(prompts)
         counts = torch.zeros(b, vocab_size, dtype=torch.int32, device=device)

@@ -13,7 +13,6 @@ from torch import nn
 
 from ember.quant.format import QuantizedTensor, dequantize
 
-
 # Off by default: on the H100 the fused SiLU made the 8B decode slower (334.4 tok/s against 362.8 / 358.5
 # without, one call): every program recomputes the SiLU of its inputs for its columns (docs/benchmarks.md).
 FUSE_SILU = os.environ.get("EMBER_FUSE_SILU", "0") == "1"

@@ -57,7 +57,7 @@ def fuse(qts: list[QuantizedTensor]) -> QuantizedTensor | None:
             return None
         if (a.qzeros is None) != (b.qzeros is None) or (a.bias is None) != (b.bias is None):
             return None
-    cat = lambda xs: None if xs[0] is None else torch.cat(xs, dim=-1)  # noqa: E731
+    cat = lambda xs: None if xs[0] is None else torch.cat(xs, dim=-1)
     return QuantizedTensor(
         qweight=cat([q.qweight for q in qts]), scales=cat([q.scales for q in qts]),
         qzeros=cat([q.qzeros for q in qts]), perm=a.perm, had=a.had, segments=a.segments,

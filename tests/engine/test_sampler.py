@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from ember.engine.sampler import SamplingTensors, TokenCounts, apply_penalties, argmax, make_generators, sample
+from ember.engine.sampler import (
+    SamplingTensors,
+    TokenCounts,
+    apply_penalties,
+    argmax,
+    make_generators,
+    sample,
+)
 from ember.errors import ConfigError
 from ember.sampling_params import SamplingParams
 
