@@ -49,9 +49,23 @@ def cmd_bench(args) -> int:
     if args.json:
         print(json.dumps(row))
     else:
-        for k, v in row.items():
-            print(f"{k:<20} {v:.4g}" if isinstance(v, float) else f"{k:<20} {v}")
+        print(format_row(row))
     return 0
+
+
+def format_row(r: dict) -> str:
+    """The human-readable report of one `measure` row."""
+    head = f" ({r['head_bits']}-bit head)" if r.get("head_bits") else ""
+    eager = f" (eager {r['prefill_eager_tok_s']:,.0f})" if r.get("prefill_graph") else ""
+    lines = [f"ember bench: {r['model']}, {r['bpw']} bpw{head}, batch {r['batch']}, {r['device']}",
+             f"  prefill  {r['prompt_len']:>5} tok/seq  {r['prefill_tok_s']:>10,.0f} tok/s{eager}",
+             f"  decode   {r['gen_len']:>5} tok/seq  {r['decode_tok_s']:>10,.1f} tok/s  "
+             f"({r['decode_ms_per_step']:.2f} ms/step)",
+             f"  weights  {r['weight_gib']:.2f} GiB" + (f", peak VRAM {r['vram_gib']:.2f} GiB" if r['vram_gib'] else "")]
+    if r.get("roofline_frac") is not None:
+        lines.append(f"  roofline {100 * r['roofline_frac']:.0f}% of {r['copy_tb_s']:.2f} TB/s copy bandwidth "
+                     f"({r['bytes_per_step'] / 1e9:.2f} GB read per step)")
+    return "\n".join(lines)
 
 
 def add_cli(sub, common) -> None:

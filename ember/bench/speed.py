@@ -97,6 +97,6 @@ def measure(model, device, prompt_len: int, gen_len: int, batch: int, weight_byt
         decode_ms_per_step=step_s * 1e3,
         vram_gib=(torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None,
         bytes_per_step=int(bytes_per_step),
-        copy_tb_s=bw / 1e12,
+        copy_tb_s=bw / 1e12 if bw == bw else None,  # NaN where not measured (CPU): null in JSON
         roofline_frac=(bytes_per_step / step_s) / bw if bw == bw else None,
     )
