@@ -23,7 +23,7 @@ from ember.quant.allocate import allocate
 from ember.quant.calibrate import calibrate, default_files
 from ember.quant.candidates import CANDIDATES, Candidate, min_max_bpw
 from ember.quant.format import write_manifest
-from ember.quant.gptq import DAMP
+from ember.quant.gptq import DAMP, block_size
 from ember.quant.job import Job, key_of
 from ember.quant.measure import measure
 from ember.quant.model_io import check_shapes, linear_shapes, load_float_model, source_identity
@@ -124,7 +124,8 @@ def convert(input: str | Path, output: str | Path, bpw: float, head_bits: int = 
     model = load_float_model(src, dev, dtype, row_len, progress)
     runner = LayerRunner(cfg, tokens.shape[0], tokens.shape[1], dev, dtype)
     mkey = key_of({**ident, "calibration": calib["sha256"], "tokens": key_of(tokens.tolist()),
-                   "candidates": [c.name for c in CANDIDATES], "damp": DAMP, "version": 2})
+                   "candidates": [c.name for c in CANDIDATES], "damp": DAMP, "version": 2,
+                   "block": block_size(dev)})
     meas = measure(job, mkey, model, runner, tokens, CANDIDATES, progress)
     times["measure"] = time.perf_counter() - t
     if stop_after == "measure":
@@ -151,7 +152,8 @@ def convert(input: str | Path, output: str | Path, bpw: float, head_bits: int = 
     # 5. write
     t = time.perf_counter()
     tensors = collect_tensors(model, cfg, qtensors, head_bits)
-    manifest = build_manifest(cfg, qtensors, qinfo, meas, alloc, head_bits, bpw, str(input), calib)
+    manifest = build_manifest(cfg, qtensors, qinfo, meas, alloc, head_bits, bpw, str(input), calib,
+                              block_size(dev))
     write_folder(output, src, tensors, manifest)
     job.remove(folder)
     times["write"] = time.perf_counter() - t

@@ -24,7 +24,8 @@ import torch
 from ember.quant.format import QuantizedTensor, make_segments, pack
 from ember.quant.hadamard import block_hadamard
 
-BLOCK = 128  # lazy-update block (longer where a scale group would cross the boundary)
+BLOCK = 128  # lazy-update block on the GPU (block_size)
+BLOCK_CPU = 32
 DAMP = 0.05  # of the mean Hessian diagonal; 0.03-0.1 gave lower held-out error than 0.01 (converter-notes.md)
 # Clipping ratios tried per scale group: low widths profit from clipping harder.
 CLIP = {2: (1.0, .95, .9, .85, .8, .75, .7, .65, .6, .55, .5), 3: (1.0, .95, .9, .85, .8, .75, .7, .65, .6),
@@ -104,21 +105,29 @@ def _column_tables(specs: list[QuantSpec], K: int, device) -> tuple[torch.Tensor
     return maxq.to(device), table
 
 
-def _blocks(specs: list[QuantSpec], K: int) -> list[tuple[int, int]]:
-    """Lazy-update blocks of about BLOCK columns cut only where every spec has a group boundary (a group's
-    scale is fit from its columns' updated values, which only the current block holds)."""
-    cuts = None
+def block_size(device: torch.device) -> int:
+    """Lazy-update block length: BLOCK on the GPU (each block costs launches); BLOCK_CPU on the CPU, where the
+    in-block update W[:, i+1:] -= err * U[i, i+1:] is the bulk of the time and shrinks with the block
+    (the block-level matmul updates do the same total work at any length)."""
+    return BLOCK_CPU if device.type == "cpu" else BLOCK
+
+
+def _blocks(specs: list[QuantSpec], K: int, block: int = BLOCK) -> list[tuple[int, int]]:
+    """Lazy-update blocks [i1, i2) of at most `block` columns where possible. A group's scale is fit when its
+    first column comes up, from the group's current columns: exact if every earlier column's error already
+    reached all of them, i.e. if the group starts a block or lies inside one. So a block may not end inside
+    a group that starts inside it (it is cut at that group's start instead); a group that starts a block
+    may run on into later blocks."""
+    groups = set()
     for spec in specs:
-        b, k = set(), 0
+        k = 0
         for k_len, _bits, g in spec.segments:
-            b.update(range(k + g, k + k_len + 1, g))
+            groups.update((s, s + g) for s in range(k, k + k_len, g))
             k += k_len
-        cuts = b if cuts is None else cuts & b
-    cuts = sorted(cuts | {K})
     out, i1 = [], 0
     while i1 < K:
-        fit = [c for c in cuts if i1 < c <= i1 + BLOCK]
-        i2 = fit[-1] if fit else next(c for c in cuts if c > i1)
+        i2 = min(i1 + block, K)
+        i2 = min([s for s, e in groups if i1 < s < i2 < e], default=i2)
         out.append((i1, i2))
         i1 = i2
     return out
@@ -201,14 +210,14 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, specs: list[QuantSpec], want_codes: 
     z_cur = torch.zeros(C, N, device=dev)
     codes = torch.empty(C, N, K, dtype=torch.uint8, device=dev) if want_codes else None
     groups: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in specs]  # per spec: (s, z) per group
-    for i1, i2 in _blocks(specs, K):
+    for i1, i2 in _blocks(specs, K, block_size(dev)):
         W1 = Q[:, :, i1:i2]  # a view: updates land in Q
         E1 = torch.empty(C, N, i2 - i1, device=dev)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             k = i1 + i
             for g, asym, idx, bits in starts.get(k, ()):
-                s, z = _fit_group(W1[idx, :, i:i + g], dw[k:k + g], bits, asym)
+                s, z = _fit_group(Q[idx, :, k:k + g], dw[k:k + g], bits, asym)  # may reach past the block
                 s_cur[idx], z_cur[idx] = s, z
                 if want_codes:
                     for j, c in enumerate(idx.tolist()):

@@ -43,7 +43,7 @@ def _entry(qt: QuantizedTensor, error: float, extra: dict) -> dict:
 
 
 def build_manifest(cfg: ModelConfig, qtensors: dict, qinfo: dict, meas: dict, alloc: dict, head_bits: int,
-                   target: float, source: str, calib: dict) -> dict:
+                   target: float, source: str, calib: dict, block: int = BLOCK) -> dict:
     """ember_quant.json: bpw recounted from the packed tensors; per linear its segments and errors."""
     layers, bits, weights = {}, 0, 0
     measured = {n: {c["name"]: c for c in m["candidates"]} for n, m in meas["linears"].items()}
@@ -74,7 +74,7 @@ def build_manifest(cfg: ModelConfig, qtensors: dict, qinfo: dict, meas: dict, al
         "source": source,
         "calibration": calib,
         "layers": layers,
-        "converter": {"method": "gptq", "act_order": True, "damp": DAMP, "block": BLOCK,
+        "converter": {"method": "gptq", "act_order": True, "damp": DAMP, "block": block,
                       "error": "tr(dW H dW^T) / tr(W H W^T) on the calibration inputs",
                       "predicted_kl": predicted_kl},
     }

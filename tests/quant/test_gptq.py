@@ -7,7 +7,8 @@ import torch
 
 from ember.quant.candidates import CANDIDATES, head_candidates
 from ember.quant.format import dequantize, make_segments, pack
-from ember.quant.gptq import DAMP, QuantSpec, _fit_group, gptq_quantize
+from ember.quant import gptq as gptq_mod
+from ember.quant.gptq import DAMP, QuantSpec, _blocks, _fit_group, gptq_quantize
 from ember.quant.hadamard import block_hadamard
 from ember.quant.rtn import rtn_quantize
 
@@ -124,3 +125,41 @@ def test_mix_puts_the_widest_bits_on_the_most_important_inputs():
     qt = gptq_quantize(W, H.float(), [spec], want_codes=True)[0].qt
     top = torch.argsort(H.diagonal(), descending=True)[:64]
     assert set(qt.perm[:64].tolist()) == set(top.tolist())
+
+
+def _groups(spec):
+    k = 0
+    for k_len, _bits, g in spec.segments:
+        yield from ((s, s + g) for s in range(k, k + k_len, g))
+        k += k_len
+
+
+@pytest.mark.parametrize("block", [16, 32, 128])
+def test_blocks_never_split_a_group_that_starts_inside(block):
+    """Every scale group starts a block or lies inside one (its scale is fit from fully updated columns)."""
+    K = 64 * 13
+    specs = [c.spec(K) for c in CANDIDATES] + [QuantSpec(((256, 4, 32), (512, 3, 128), (64, 8, 64)))]
+    blocks = _blocks(specs, K, block)
+    assert blocks[0][0] == 0 and blocks[-1][1] == K
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    assert all(0 < i2 - i1 <= block for i1, i2 in blocks)
+    starts = {i1 for i1, _ in blocks}
+    for spec in specs:
+        for s, e in _groups(spec):
+            inside = any(i1 <= s and e <= i2 for i1, i2 in blocks)
+            assert s in starts or inside, (s, e)
+
+
+def test_cpu_block_length_changes_nothing_but_rounding(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    K = 640
+    W = torch.randn(48, K, generator=g)
+    X = torch.randn(2048, K, generator=g) * torch.rand(K, generator=g) * 3
+    H = X.T @ X
+    specs = [c.spec(K) for c in CANDIDATES[:6]]
+    res = {}
+    for blk in (128, 32):
+        monkeypatch.setattr(gptq_mod, "BLOCK_CPU", blk)
+        res[blk] = gptq_quantize(W, H, specs)
+    for a, b in zip(res[128], res[32]):
+        assert abs(a.rel_error - b.rel_error) <= 1e-3 * a.rel_error
