@@ -5,9 +5,9 @@ counts taken from the packed tensors' sizes."""
 import pytest
 import torch
 
+from ember.quant import gptq as gptq_mod
 from ember.quant.candidates import CANDIDATES, head_candidates
 from ember.quant.format import dequantize, make_segments, pack
-from ember.quant import gptq as gptq_mod
 from ember.quant.gptq import DAMP, QuantSpec, _blocks, _fit_group, gptq_quantize
 from ember.quant.hadamard import block_hadamard
 from ember.quant.rtn import rtn_quantize
