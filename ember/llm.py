@@ -62,7 +62,8 @@ class LLM:
         if self.max_seq_len > cfg.max_position_embeddings:
             log.warning("max_seq_len %d is beyond the model's trained context (%d)", self.max_seq_len,
                         cfg.max_position_embeddings)
-        self.memory = estimate(cfg, weight_bytes(src, self.dtype), self.max_seq_len, self.dtype, engine.page_size)
+        self.memory = estimate(cfg, weight_bytes(src, self.dtype), self.max_seq_len, self.dtype, engine.page_size,
+                               quantized=src.format in ("ember", "gptq"))
         check_fits(self.memory, self.device, self.max_seq_len, engine.memory_limit_gib)
         self.tokenizer = src.tokenizer()
         self.model = build_model(cfg, src.tensors, self.device, self.dtype, self.max_seq_len, where=str(path),

@@ -26,7 +26,7 @@ class MemoryEstimate:
 
 
 def estimate(config: ModelConfig, weight_bytes: int, max_seq_len: int, dtype: torch.dtype,
-             page_size: int = 64, max_batch_tokens: int = 2048) -> MemoryEstimate:
+             page_size: int = 64, max_batch_tokens: int = 2048, quantized: bool = False) -> MemoryEstimate:
     per_tok = kv_bytes_per_token(config, dtype)
     pages = (max_seq_len + page_size - 1) // page_size
     esize = torch.empty(0, dtype=dtype).element_size()
@@ -34,6 +34,9 @@ def estimate(config: ModelConfig, weight_bytes: int, max_seq_len: int, dtype: to
     # Activations of one prefill chunk of t tokens (fused QKV, gate/up, logits in fp32) plus a fixed margin.
     act = t * esize * (config.q_size + 2 * config.kv_size + 2 * config.intermediate_size + 4 * config.hidden_size)
     act += config.vocab_size * 4 * 2 + 256 * 2**20
+    if quantized:  # a long prefill dequantizes one matrix at a time for cuBLAS: the largest, in 16 bits
+        h, i = config.hidden_size, config.intermediate_size
+        act += esize * max(h * (config.q_size + 2 * config.kv_size), h * 2 * i, h * config.vocab_size)
     return MemoryEstimate(weight_bytes, pages * page_size * per_tok, act, per_tok * 1024)
 
 

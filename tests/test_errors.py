@@ -97,3 +97,14 @@ def test_cli_reports_errors_without_traceback(capsys, tmp_path):
     assert main(["info", "--model", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no such file" in err and "Traceback" not in err
+
+
+def test_memory_estimate_counts_the_dequantized_matrix_of_a_quantized_model():
+    from ember.config import ModelConfig
+    from ember.memory import estimate
+
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=1000, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16)
+    dense = estimate(cfg, 10**6, 256, torch.float16)
+    quant = estimate(cfg, 10**6, 256, torch.float16, quantized=True)
+    assert quant.workspace - dense.workspace == 2 * max(64 * (64 + 2 * 32), 64 * 2 * 160, 64 * 1000)
