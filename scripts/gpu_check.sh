@@ -2,7 +2,7 @@
 # The one command run on the GPU machine (device tool): GPU tests + benchmarks, results under $OUT.
 #
 #   scripts/gpu_check.sh [smoke] [bench8b] [core] [exl2] [gptq8b] [bench70b] [bpw] [quick] [pdl] [profile]
-#                        [sweep] [tests]     (default: tests bench8b exl2)
+#                        [sweep] [prefillgemm] [tests]     (default: tests bench8b exl2)
 # smoke: the engine / model GPU tests first; tests: the whole -m gpu suite, last; core: bench8b runs only
 # 4.0 bpw (512 and 2048 tokens) and the GPTQ folder; bpw: the 2.5 / 3.0 / 5.0 / 6.0 bpw decode runs.
 # pdl: decode/prefill of the 8B shape with each EMBER_PDL mode (kernels/pdl.py); profile: per-kernel GPU
@@ -69,6 +69,10 @@ if has sweep; then
   log "qmatmul sweep"
   python3 scripts/sweep_qmatmul.py --widths ${SWEEP_WIDTHS:-4} --shapes ${SWEEP_SHAPES:-4096x6144,4096x4096,14336x4096} \
     2>&1 | tee "$OUT/sweep.txt" | tail -12
+fi
+if has prefillgemm; then
+  log "prefill-sized matmuls: dequant + cuBLAS vs the fused dequant-GEMM"
+  python3 scripts/sweep_prefill_gemm.py ${PREFILL_SWEEP_ARGS:-} 2>&1 | tee "$OUT/sweep_prefill.txt" | grep -v skip | tail -12
 fi
 if has exl2; then
   wait $BUILD; log "exllamav2 llama3-8b GPTQ"; tail -3 "$OUT/exl2_build.log"

@@ -38,6 +38,7 @@ class Launch:
     block_n: int
     num_warps: int
     num_stages: int
+    block_m: int = 64  # rows per program of the "large" dot mode (the other modes pick theirs from M)
 
     @property
     def splits(self) -> int:
@@ -54,13 +55,13 @@ class QMatmulPlan:
     dequant_meta: dict[int, torch.Tensor] = field(default_factory=dict)  # bits -> meta of that width
 
 
-# (mode) -> (block_n, num_warps, num_stages, target programs per SM); per-shape overrides keyed by
-# (K, N, bits, mode). Filled from scripts/bench_qmatmul.py measurements.
+# (mode) -> (block_n, num_warps, num_stages, target programs per SM[, block_m for "large"]); per-shape
+# overrides keyed by (K, N, bits, mode). Filled from scripts/bench_qmatmul.py / sweep_* measurements.
 # gemv: BN = 128 x num_warps gives each thread 4 whole columns (the x values it loads serve all 4); the
 # H100 sweep (docs/dev/qmatmul-notes.md) found (512, 4 warps, 8 programs per SM) best on average; 8 columns
 # per thread (fewer instructions per weight) measured slower.
 DEFAULTS = {"gemv": (512, 4, 2, 8), "small": (64, 4, 2, 4), "large": (64, 4, 2, 2)}
-TUNED: dict[tuple[int, int, int, str], tuple[int, int, int, int]] = {}
+TUNED: dict[tuple[int, int, int, str], tuple[int, ...]] = {}
 
 
 def _interpreting() -> bool:
@@ -90,16 +91,16 @@ def split_meta(segments: list[list[int]], tiles_per_split: int) -> torch.Tensor:
 def _launch(segments, K: int, N: int, mode: str, device: torch.device, tiles: int | None,
             config: tuple[int, int, int, int] | None) -> Launch:
     bits = segments[0][2] if len(segments) == 1 else 0
-    bn, warps, stages, per_sm = config or TUNED.get((K, N, bits, mode), DEFAULTS[mode])
+    bn, warps, stages, per_sm, *bm = config or TUNED.get((K, N, bits, mode), DEFAULTS[mode])
     if tiles is None:  # enough programs to fill the GPU: col blocks * splits ~ per_sm * SMs
         col_blocks = triton.cdiv(N, bn)
         want = max(1, per_sm * _sm_count(device) // col_blocks)
         tiles = max(1, triton.cdiv(K // 64, want))
-    return Launch(split_meta(segments, tiles).to(device), bn, warps, stages)
+    return Launch(split_meta(segments, tiles).to(device), bn, warps, stages, *bm)
 
 
 def make_plan(qt: QuantizedTensor, tiles_per_split: int | None = None,
-              configs: dict[str, tuple[int, int, int, int]] | None = None,
+              configs: dict[str, tuple[int, ...]] | None = None,
               large_mode: str = LARGE_MODE) -> QMatmulPlan:
     """Precompute the launch metadata for qt (on qt's device). `tiles_per_split` overrides the split
     heuristic; `configs` {mode: (block_n, num_warps, num_stages, programs per SM)} the tuned table."""
@@ -230,7 +231,7 @@ def qmatmul(x: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor | None = Non
     elif M <= SMALL_ROWS:
         _run_kernel(x2, qt, plan, plan.modes["small"], out2, use_dot=True, block_m=16 if M <= 16 else 32)
     elif plan.large_mode == "dot" or (plan.large_mode == "auto" and M <= DOT_MAX_ROWS):
-        _run_kernel(x2, qt, plan, plan.modes["large"], out2, use_dot=True, block_m=64)
+        _run_kernel(x2, qt, plan, plan.modes["large"], out2, use_dot=True, block_m=plan.modes["large"].block_m)
     else:
         xp = x2[:, qt.perm.long()] if qt.perm is not None else x2
         torch.matmul(xp, dequantize_permuted(qt, plan, x.dtype), out=out2)

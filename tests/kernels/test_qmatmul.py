@@ -160,3 +160,16 @@ def test_gpu_silu_input(dtype):
     check_silu(make_qt([(64 * 23, 4, 64)], 1000), 1, dtype)
     spec = [(1024, 5, 128), (512, 4, 32), (1536, 3, 64), (64, 8, 64), (960, 6, 64)]
     check_silu(make_qt(spec, 777, asym=True, use_perm=True, bias=True), 1, dtype)
+
+
+@pytest.mark.parametrize("block_m", [32, 128])
+def test_large_dot_mode_block_rows(block_m):
+    """The fused dequant-GEMM ("large" dot mode) with other row tiles and one K split (no atomics)."""
+    qt = make_qt([(128, 4, 64), (64, 3, 32)], 24, asym=True, use_perm=True, bias=True)
+    M = block_m + 3
+    x = torch.randn(M, qt.in_features, device=DEV).half()
+    ref = x.float() @ dequantize(qt).to(DEV).T + qt.bias.float()
+    plan = make_plan(qt, configs={"large": (16, 4, 2, 0, block_m)}, large_mode="dot")
+    assert plan.modes["large"].block_m == block_m and plan.modes["large"].splits == 2  # one per segment
+    out = qmatmul(x, qt, plan=plan)
+    assert ((out.float() - ref).norm() / ref.norm()) < TOL
