@@ -31,6 +31,12 @@ def configs(quick: bool):
         yield bm, bn, warps, stages
 
 
+def timed(x, qts, outs, plans) -> float:
+    """Seconds per matmul, over a CUDA graph running each weight copy once (no L2 reuse)."""
+    fns = [lambda q=q, p=p, o=o: qmatmul(x, q, out=o, plan=p) for q, p, o in zip(qts, plans, outs)]
+    return graph_time(fns, reps=7)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="512,2048")
@@ -45,18 +51,13 @@ def main() -> None:
             qts = [random_qt(K, N, a.width) for _ in range(copies)]
             x = torch.randn(M, K, device="cuda", dtype=torch.float16)
             outs = [torch.empty(M, N, device="cuda", dtype=torch.float16) for _ in qts]
-
-            def timed(plans):
-                fns = [lambda q=q, p=p, o=o, x=x: qmatmul(x, q, out=o, plan=p) for q, p, o in zip(qts, plans, outs)]
-                return graph_time(fns, reps=7)
-
-            t_deq = timed([make_plan(q, large_mode="dequant") for q in qts])
+            t_deq = timed(x, qts, outs, [make_plan(q, large_mode="dequant") for q in qts])
             best = (float("inf"), None)
             for bm, bn, warps, stages in configs(a.quick):
                 try:
                     plans = [make_plan(q, configs={"large": (bn, warps, stages, 0, bm)}, large_mode="dot")
                              for q in qts]
-                    t = timed(plans)
+                    t = timed(x, qts, outs, plans)
                 except Exception as e:  # noqa: BLE001 (a config that does not compile or fit is skipped)
                     print(f"  skip {(bm, bn, warps, stages)}: {type(e).__name__}", flush=True)
                     continue
