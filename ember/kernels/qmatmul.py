@@ -202,24 +202,15 @@ def qmatmul(x: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor | None = Non
     silu_input: x is (..., 2K) = [gate | up] and the input is silu(gate) * up (the SwiGLU down projection):
     fused into the weight stream for one row without rotation, else a separate SiLU-mul first."""
     K, N = qt.in_features, qt.out_features
-    if silu_input:
-        assert x.shape[-1] == 2 * K, (x.shape, K)
-        if x.numel() != 2 * K or qt.had:
-            from ember.kernels.activation import silu_and_mul
+    if silu_input and (x.numel() != 2 * K or qt.had):  # only the one-row, unrotated path fuses it
+        from ember.kernels.activation import silu_and_mul
 
-            return qmatmul(silu_and_mul(x), qt, out, plan)
-        plan = plan or make_plan(qt)
-        x2 = x.reshape(1, 2 * K).contiguous()
-        if out is None:
-            out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
-        _run_kernel(x2, qt, plan, plan.modes["gemv"], out.view(1, N), use_dot=False, block_m=1, silu=True)
-        if qt.bias is not None:
-            out += qt.bias.to(out.dtype)
-        return out
-    assert x.shape[-1] == K and x.dtype in (torch.float16, torch.bfloat16), (x.shape, x.dtype)
+        return qmatmul(silu_and_mul(x), qt, out, plan)
+    width = 2 * K if silu_input else K  # the one fused row: [gate | up]
+    assert x.shape[-1] == width and x.dtype in (torch.float16, torch.bfloat16), (x.shape, x.dtype)
     assert qt.qweight.is_contiguous() and qt.scales.dtype == torch.float16
     plan = plan or make_plan(qt)
-    x2 = x.reshape(-1, K).contiguous()
+    x2 = x.reshape(-1, width).contiguous()
     if qt.had:
         x2 = rotate(x2, qt.had)
     M = x2.shape[0]
@@ -227,7 +218,7 @@ def qmatmul(x: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor | None = Non
         out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
     out2 = out.view(M, N)
     if M == 1:
-        _run_kernel(x2, qt, plan, plan.modes["gemv"], out2, use_dot=False, block_m=1)
+        _run_kernel(x2, qt, plan, plan.modes["gemv"], out2, use_dot=False, block_m=1, silu=silu_input)
     elif M <= SMALL_ROWS:
         _run_kernel(x2, qt, plan, plan.modes["small"], out2, use_dot=True, block_m=16 if M <= 16 else 32)
     elif plan.large_mode == "dot" or (plan.large_mode == "auto" and M <= DOT_MAX_ROWS):
