@@ -10,7 +10,7 @@ writes are visible; since that kernel waited on its own predecessor, everything 
 has started. A decode step of ~300 small kernels spends a large part of its time in these gaps.
 
 EMBER_PDL=0 turns it off (the launches then behave as ordinary ones), 1 or 2 choose the variant (`mode`);
-it is never on under the interpreter or before sm_90."""
+read at the first launch; it is never on under the interpreter or before sm_90."""
 from __future__ import annotations
 
 import functools
@@ -23,18 +23,20 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @functools.cache
-def _capable(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
+def _mode(device_type: str, index: int | None) -> int:
+    want = int(os.environ.get("EMBER_PDL", "2"))
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" or want == 0 or device_type != "cuda":
+        return 0
+    index = torch.cuda.current_device() if index is None else index
+    return want if torch.cuda.get_device_capability(index)[0] >= 9 else 0
 
 
 def mode(device: torch.device) -> int:
     """0: off; 1: every kernel waits at its start; 2 (default): the one-row quantized matmul of a one-plane,
     one-width matrix (2, 4 or 8 bits) first loads its first weight tile, then waits (qmatmul._pdl_kwargs;
-    other matrices use 1). H100, Llama-3-8B 4-bit decode: 340.3 / 351.6 / 355.8 tok/s for 0 / 1 / 2."""
-    want = int(os.environ.get("EMBER_PDL", "2"))
-    if os.environ.get("TRITON_INTERPRET", "0") == "1" or want == 0 or device.type != "cuda":
-        return 0
-    return want if _capable(device.index if device.index is not None else torch.cuda.current_device()) else 0
+    other matrices use 1). H100, Llama-3-8B 4-bit decode: 340.3 / 351.6 / 355.8 tok/s for 0 / 1 / 2.
+    Read once per device (it is asked on every launch, and eager prefill is bound by the host)."""
+    return _mode(device.type, device.index)
 
 
 def launch_kwargs(device: torch.device) -> dict:
