@@ -151,6 +151,14 @@ def _pdl_kwargs(plan: QMatmulPlan, device: torch.device) -> dict:
     return kw
 
 
+def _h2_mode(x2: torch.Tensor) -> int:
+    """Packed-half decode of the one-row path (qmatmul_h2.py) for fp16 activations: 2 = PTX on the GPU,
+    1 = the same arithmetic in plain Triton (interpreter), 0 = off (bf16, or EMBER_H2=0)."""
+    if x2.dtype != torch.float16 or os.environ.get("EMBER_H2", "1") == "0":
+        return 0
+    return 1 if _interpreting() else 2
+
+
 def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int, silu: bool = False):
     M, N = x2.shape[0], qt.out_features
     grid = (triton.cdiv(N, launch.block_n), launch.splits, triton.cdiv(M, block_m))
@@ -168,7 +176,7 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int,
         out2.stride(0), -1, qt.in_features,
         BM=block_m, BN=launch.block_n, WIDTHS=plan.widths, USE_DOT=use_dot, HAS_ZEROS=qt.qzeros is not None,
         HAS_PERM=qt.perm is not None, HAS_G32=plan.has_g32, ATOMIC=atomic, DOT_DT=dot_dt,
-        SILU=silu, num_warps=launch.num_warps, num_stages=launch.num_stages, **_pdl_kwargs(plan, x2.device))
+        SILU=silu, H2=_h2_mode(x2) if not use_dot else 0, num_warps=launch.num_warps, num_stages=launch.num_stages, **_pdl_kwargs(plan, x2.device))
 
 
 def rotate(x2: torch.Tensor, h: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ember.kernels import pdl
+from ember.kernels.qmatmul_h2 import plane_part_h2
 
 MAGIC = tl.constexpr(8388608.0)  # 2^23
 
@@ -107,10 +108,26 @@ def _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, silu_off, BN: tl.const
 
 
 @triton.jit
-def _tile_fma(a1, a2, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, kb, ones, silu_off, BN: tl.constexpr,
+def _tile_fma(a1, a2, zc, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, kb, ones, silu_off, BN: tl.constexpr,
               P1: tl.constexpr, P2: tl.constexpr, Z0: tl.constexpr, HAS_ZEROS: tl.constexpr,
-              HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, SILU: tl.constexpr):
-    """Accumulate one block of 64 inputs (plane words w1 / w2, group scales) into a1 / a2."""
+              HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, SILU: tl.constexpr, H2: tl.constexpr):
+    """Accumulate one block of 64 inputs (plane words w1 / w2, group scales) into a1 / a2; with H2 (packed
+    halves, qmatmul_h2.py) the first plane is centred at Z0 and zc collects (z - Z0) * s * sum(x)."""
+    if H2:
+        lo, hi, sx_lo, sx_hi = plane_part_h2(w1, x_ptr, perm_ptr, kb, BN, P1, 0, Z0, HAS_PERM, HAS_ZEROS, H2 == 2)
+        if HAS_G32:
+            a1 += lo * (16.0 * s_lo)[None, :] + hi * (16.0 * s_hi)[None, :]
+        else:
+            a1 += (lo + hi) * (16.0 * s_lo)[None, :]
+        if HAS_ZEROS:
+            zc += (z_lo - Z0) * s_lo * sx_lo + (z_hi - Z0) * s_hi * sx_hi
+        if P2 > 0:
+            lo, hi, _, _ = plane_part_h2(w2, x_ptr, perm_ptr, kb, BN, P2, P1, 0, HAS_PERM, False, H2 == 2)
+            if HAS_G32:
+                a2 += lo * (16.0 * s_lo)[None, :] + hi * (16.0 * s_hi)[None, :]
+            else:
+                a2 += (lo + hi) * (16.0 * s_lo)[None, :]
+        return a1, a2, zc
     lo, hi = _plane_part(w1, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, silu_off, BN, P1, True, Z0, HAS_ZEROS,
                          HAS_PERM, HAS_G32, SILU)
     a1 += lo * s_lo[None, :]
@@ -122,7 +139,7 @@ def _tile_fma(a1, a2, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, kb, ones,
         a2 += lo * (s_lo * (1 << P1))[None, :]
         if HAS_G32:
             a2 += hi * (s_hi * (1 << P1))[None, :]
-    return a1, a2
+    return a1, a2, zc
 
 
 @triton.jit
@@ -146,8 +163,9 @@ def _tile_load(q_ptr, s_ptr, z_ptr, t, g, q1row, q2row, srow, kk0, offs_n, n_mas
 def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, srow, kk0, offs_n, n_mask, N, ones,
               silu_off, BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
               HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, PDL: tl.constexpr,
-              SILU: tl.constexpr):
+              SILU: tl.constexpr, H2: tl.constexpr):
     """One row of x over one split -> (1, BN) float32. Planes combine as (P1 - z) + 2^p1 * P2.
+    H2 (0 off, 1 plain Triton, 2 PTX): packed-half decode of 2- and 4-bit first planes (qmatmul_h2.py).
     Tile 0 is peeled off the loop and its words and scales are loaded before pdl.wait: weights are never
     written by an earlier kernel, so under PDL their load overlaps the previous kernel's tail (the small
     matrices give a program one or two tiles). The loop keeps the old register budget (a software-pipelined
@@ -155,21 +173,22 @@ def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, sro
     Z0: tl.constexpr = 1 << (P1 + P2 - 1)
     a1 = tl.zeros((2 * P1, BN), tl.float32)
     a2 = tl.zeros((2 * P2 if P2 > 0 else 1, BN), tl.float32)
+    zc = tl.zeros((BN,), tl.float32)
     first = 0
     if PDL == 2:
         w1, w2, s_lo, z_lo, s_hi, z_hi = _tile_load(q_ptr, s_ptr, z_ptr, 0, g, q1row, q2row, srow, kk0, offs_n,
                                                     n_mask, N, P1, P2, HAS_ZEROS, HAS_G32)
         pdl.wait(PDL)
-        a1, a2 = _tile_fma(a1, a2, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, tl.multiple_of(k0, 64), ones,
-                           silu_off, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM, HAS_G32, SILU)
+        a1, a2, zc = _tile_fma(a1, a2, zc, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, tl.multiple_of(k0, 64),
+                               ones, silu_off, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM, HAS_G32, SILU, H2)
         first = 1
     for t in range(first, nt):
         w1, w2, s_lo, z_lo, s_hi, z_hi = _tile_load(q_ptr, s_ptr, z_ptr, t, g, q1row, q2row, srow, kk0, offs_n,
                                                     n_mask, N, P1, P2, HAS_ZEROS, HAS_G32)
-        a1, a2 = _tile_fma(a1, a2, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr,
-                           tl.multiple_of(k0 + t * 64, 64), ones, silu_off, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM,
-                           HAS_G32, SILU)
-    y = tl.sum(a1, axis=0)
+        a1, a2, zc = _tile_fma(a1, a2, zc, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr,
+                               tl.multiple_of(k0 + t * 64, 64), ones, silu_off, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM,
+                               HAS_G32, SILU, H2)
+    y = tl.sum(a1, axis=0) - zc
     if P2 > 0:
         y += tl.sum(a2, axis=0)
     return y[None, :]
@@ -190,8 +209,12 @@ def _codes64(q_ptr, t, q1row, q2row, offs_n, n_mask, N, BN: tl.constexpr, P1: tl
 def _loop_dot(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, srow,
               kk0, offs_n, n_mask, N, BM: tl.constexpr, BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
               HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, DOT_DT: tl.constexpr):
-    """BM rows of x over one split -> (BM, BN) float32."""
+    """BM rows of x over one split -> (BM, BN) float32.
+    BM >= 64 (prefill, compute-bound): the group scale goes into the weights before the cast, so every tile
+    accumulates inside the MMA (acc = dot(x, w, acc)) and the next tile's decode overlaps the asynchronous
+    wgmma; smaller BM scales each tile's product instead (fewer multiplies, the decode path is memory-bound)."""
     Z0: tl.constexpr = 1 << (P1 + P2 - 1)
+    FOLD: tl.constexpr = BM >= 64
     acc = tl.zeros((BM, BN), tl.float32)
     offs64 = tl.arange(0, 64)
     for t in range(nt):
@@ -203,7 +226,17 @@ def _loop_dot(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, k
         f = _codes64(q_ptr, t, q1row, q2row, offs_n, n_mask, N, BN, P1, P2)
         s_lo, z_lo = _scale_zero(s_ptr, z_ptr, srow + (kk0 + t * 64) // g, offs_n, n_mask, N, HAS_ZEROS)
         c_lo = z_lo + (MAGIC if HAS_ZEROS else MAGIC + Z0)  # 2^23 + zero
-        if HAS_G32:
+        if FOLD:
+            if HAS_G32:
+                s_hi, z_hi = _scale_zero(s_ptr, z_ptr, srow + (kk0 + t * 64 + 32) // g, offs_n, n_mask, N,
+                                         HAS_ZEROS)
+                c_hi = z_hi + (MAGIC if HAS_ZEROS else MAGIC + Z0)
+                lo = (offs64 < 32)[:, None]
+                w = (f - tl.where(lo, c_lo[None, :], c_hi[None, :])) * tl.where(lo, s_lo[None, :], s_hi[None, :])
+            else:
+                w = (f - c_lo[None, :]) * s_lo[None, :]
+            acc = tl.dot(x, w.to(DOT_DT), acc)
+        elif HAS_G32:
             s_hi, z_hi = _scale_zero(s_ptr, z_ptr, srow + (kk0 + t * 64 + 32) // g, offs_n, n_mask, N, HAS_ZEROS)
             c_hi = z_hi + (MAGIC if HAS_ZEROS else MAGIC + Z0)
             lo = offs64 < 32
@@ -240,7 +273,7 @@ def _epilogue(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mas
 def _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N, ones, silu_off,
            BM: tl.constexpr, BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, USE_DOT: tl.constexpr,
            HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, DOT_DT: tl.constexpr,
-           PDL: tl.constexpr, SILU: tl.constexpr):
+           PDL: tl.constexpr, SILU: tl.constexpr, H2: tl.constexpr):
     """The partial sums (BM, BN) of the split described by the 8 int32 at `meta`, width P1 + P2."""
     k0, nt, g = tl.load(meta), tl.load(meta + 1), tl.load(meta + 3)
     q1row, q2row, srow, kk0 = tl.load(meta + 4), tl.load(meta + 5), tl.load(meta + 6), tl.load(meta + 7)
@@ -250,7 +283,7 @@ def _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta
     else:  # BM == 1
         acc = _loop_fma(x_ptr + tl.program_id(2) * stride_xm, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row,
                         q2row, srow, kk0, offs_n, n_mask, N, ones, silu_off, BN, P1, P2, HAS_ZEROS, HAS_PERM,
-                        HAS_G32, PDL, SILU)
+                        HAS_G32, PDL, SILU, H2 if (P1 == 2 or P1 == 4) and not SILU else 0)
     return acc
 
 
@@ -259,7 +292,7 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
                    stride_xm, stride_om, ones, silu_off, BM: tl.constexpr, BN: tl.constexpr, WIDTHS: tl.constexpr,
                    USE_DOT: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
                    HAS_G32: tl.constexpr, ATOMIC: tl.constexpr, DOT_DT: tl.constexpr, PDL: tl.constexpr,
-                   SILU: tl.constexpr):
+                   SILU: tl.constexpr, H2: tl.constexpr):
     """out (M, N) = x (M, K) @ Wq^T; program_id(1) = split. WIDTHS: bit b set when width b occurs, so a
     matrix of one width compiles one loop, a mixed one a runtime branch per width present.
     PDL (pdl.py): 0 off; 1 wait at the start; 2: the one-row path waits after loading its first tile.
@@ -278,27 +311,27 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
     if (WIDTHS >> 2) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 2:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, silu_off, BM, BN, 2, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU)
+                         ones, silu_off, BM, BN, 2, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU, H2)
     if (WIDTHS >> 3) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 3:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, silu_off, BM, BN, 2, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU)
+                         ones, silu_off, BM, BN, 2, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU, H2)
     if (WIDTHS >> 4) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 4:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, silu_off, BM, BN, 4, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU)
+                         ones, silu_off, BM, BN, 4, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU, H2)
     if (WIDTHS >> 5) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 5:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, silu_off, BM, BN, 4, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU)
+                         ones, silu_off, BM, BN, 4, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU, H2)
     if (WIDTHS >> 6) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 6:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, silu_off, BM, BN, 4, 2, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU)
+                         ones, silu_off, BM, BN, 4, 2, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU, H2)
     if (WIDTHS >> 8) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 8:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, silu_off, BM, BN, 8, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU)
+                         ones, silu_off, BM, BN, 8, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU, H2)
     pdl.wait(PDL)  # a no-op after the first: covers every path before the first global write
     _epilogue(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mask, offs_n, n_mask, N, ATOMIC)
 

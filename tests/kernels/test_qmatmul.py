@@ -173,3 +173,23 @@ def test_large_dot_mode_block_rows(block_m):
     assert plan.modes["large"].block_m == block_m and plan.modes["large"].splits == 2  # one per segment
     out = qmatmul(x, qt, plan=plan)
     assert ((out.float() - ref).norm() / ref.norm()) < TOL
+
+
+@pytest.mark.parametrize("asym", [False, True], ids=["sym", "asym_perm_g32"])
+def test_packed_half_decode_matches_fp32_path(asym, monkeypatch):
+    """The one-row packed-half decode (qmatmul_h2.py: fp16 pair products, 1/16 headroom, first plane centred,
+    zero points as a correction) against the fp32 decode on the same inputs, for every width it serves and for
+    activations large enough that fp16 sums without the headroom would overflow."""
+    spec = [(128, 2, 64), (64, 3, 32), (128, 4, 128), (64, 5, 64), (128, 6, 32)] if asym else [(192, 4, 64)]
+    qt = make_qt(spec, 40, asym=asym, use_perm=asym)
+    for scale in (1.0, 3000.0):
+        x = torch.randn(1, qt.in_features, device=DEV).half() * scale
+        ref = x.float() @ dequantize(qt).to(DEV).T
+        outs = {}
+        for mode in ("0", "1"):
+            monkeypatch.setenv("EMBER_H2", mode)
+            outs[mode] = qmatmul(x, qt, plan=make_plan(qt, 2)).float()
+        assert torch.isfinite(outs["1"]).all() and not torch.equal(outs["0"], outs["1"])  # two distinct paths
+        err_h2 = ((outs["1"] - ref).norm() / ref.norm()).item()
+        err_fp32 = ((outs["0"] - ref).norm() / ref.norm()).item()
+        assert err_h2 < 2e-3 and err_fp32 < 5e-4, (scale, err_h2, err_fp32)
