@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The one command run on the GPU machine (device tool): GPU tests + benchmarks, results under $OUT.
 #
-#   scripts/gpu_check.sh [smoke] [bench8b] [core] [exl2] [gptq8b] [bench70b] [bpw] [quick] [pdl] [profile]
+#   scripts/gpu_check.sh [smoke] [h2] [attn] [bench8b] [core] [exl2] [gptq8b] [bench70b] [bpw] [quick] [pdl] [profile]
 #                        [sweep] [prefillgemm] [tests]     (default: tests bench8b exl2)
-# smoke: the engine / model GPU tests first; tests: the whole -m gpu suite, last; core: bench8b runs only
+# smoke: the engine / model GPU tests first; h2: packed-half decode tests + A/B; attn: batch-1 decode attention configs; tests: the whole -m gpu suite, last; core: bench8b runs only
 # 4.0 bpw (512 and 2048 tokens) and the GPTQ folder; bpw: the 2.5 / 3.0 / 5.0 / 6.0 bpw decode runs.
 # pdl: decode/prefill of the 8B shape with each EMBER_PDL mode (kernels/pdl.py); profile: per-kernel GPU
 # time and prefill host overhead (scripts/profile_decode.py); sweep: batch-1 qmatmul launch configs.
@@ -37,6 +37,19 @@ fi
 bench() {  # ember bench ... -> one JSON line appended to bench.jsonl
   python3 -m ember.cli bench --json -q "$@" 2>>"$OUT/bench_err.log" | tail -1 | tee -a "$OUT/bench.jsonl"
 }
+if has h2; then  # packed-half decode (kernels/qmatmul_h2.py): GPU tests, then A/B against the fp32 decode
+  log "qmatmul GPU tests (one-row and mixed)"
+  timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -k "m1 or mixed or graph or silu" \
+    tests/kernels/test_qmatmul.py 2>&1 | tee "$OUT/gpu_qmatmul.log" | tail -4
+  log "8B decode, EMBER_H2=0 (fp32 decode) / 1 (packed halves)"
+  for m in 0 1; do
+    EMBER_H2=$m python3 -m ember.cli bench --json -q --synthetic llama3-8b --bpw 4.0 --head-bits 8 \
+      --prompt-len 512 --gen-len 128 2>>"$OUT/bench_err.log" | tail -1 | sed "s/^/h2=$m /" | tee -a "$OUT/h2.txt"
+  done
+  for bpw in 2.5 3.0; do bench --synthetic llama3-8b --bpw $bpw --head-bits 8 --prompt-len 512 --gen-len 128; done
+  log "qmatmul batch 1, EMBER_H2=0 / 1"
+  for m in 0 1; do EMBER_H2=$m python3 scripts/bench_qmatmul.py --quick > "$OUT/qmatmul_h2_$m.txt" 2>&1; tail -14 "$OUT/qmatmul_h2_$m.txt"; done
+fi
 if has bench8b; then
   log "bandwidth"; python3 bench/baselines/bandwidth.py | tee "$OUT/bandwidth.txt"
   if ! has quick; then log "qmatmul"; python3 scripts/bench_qmatmul.py 2>&1 | tail -60 > "$OUT/qmatmul.txt"; fi
@@ -95,9 +108,17 @@ if has bpw; then
   log "ember llama3-8b by bpw"
   for bpw in 2.5 3.0 5.0 6.0; do bench --synthetic llama3-8b --bpw $bpw --head-bits 8 --prompt-len 512 --gen-len 128; done
 fi
+if has attn; then
+  log "decode attention at batch 1 (splits / block / min span)"
+  python3 scripts/bench_attention.py decode_short > "$OUT/attention.txt" 2>&1
+  grep -E '"(ctx|us|num_splits|block_n|min_span)"' "$OUT/attention.txt" | paste -sd' ' | sed 's/ "ctx"/\n"ctx"/g' | tail -20
+fi
 if has tests; then
   log "GPU tests"
   timeout ${TEST_TIMEOUT:-900} python3 -m pytest -q -m gpu -p no:cacheprovider --durations=12 tests 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -22
 fi
 log "done"
+# the device tool returns a handful of files: everything else travels in one archive
+(cd "$OUT" && n=$(ls | wc -l) && [ "$n" -gt 6 ] && tar czf /tmp/results.tgz --exclude summary.txt --exclude bench.jsonl . \
+  && find . -type f ! -name summary.txt ! -name bench.jsonl -delete && mv /tmp/results.tgz .) || true

@@ -23,12 +23,15 @@ LAYER = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # qkv, o, ga
 
 
 def configs(quick: bool):
-    # (block_m, block_n, warps, stages); programs per SM 0 = one K split per segment (no atomics)
-    bms, bns = ((64, 128), (64, 128)) if quick else ((64, 128), (64, 128, 256))
-    for bm, bn, warps, stages in itertools.product(bms, bns, (4, 8), (2, 3, 4)):
-        if bm * bn >= 128 * 128 and warps == 4:
-            continue  # too many registers per thread for the fp32 accumulator
-        yield bm, bn, warps, stages
+    # (block_m, block_n, warps, stages, programs per SM); programs per SM 0 = one K split per segment (no
+    # atomics), 1 = split K until the grid has about one program per SM (M=512 gives few row blocks)
+    if quick:
+        yield from ((256, 128, 8, 3, 0), (256, 128, 8, 3, 1), (128, 128, 8, 3, 0), (128, 256, 8, 3, 0))
+        return
+    for bm, bn, warps, stages, per_sm in itertools.product((128, 256), (128, 256), (8,), (3, 4), (0, 1)):
+        if bm * bn > 256 * 128:
+            continue  # the fp32 accumulator does not fit the registers
+        yield bm, bn, warps, stages, per_sm
 
 
 def timed(x, qts, outs, plans) -> float:
@@ -53,17 +56,18 @@ def main() -> None:
             outs = [torch.empty(M, N, device="cuda", dtype=torch.float16) for _ in qts]
             t_deq = timed(x, qts, outs, [make_plan(q, large_mode="dequant") for q in qts])
             best = (float("inf"), None)
-            for bm, bn, warps, stages in configs(a.quick):
+            for bm, bn, warps, stages, per_sm in configs(a.quick):
                 try:
-                    plans = [make_plan(q, configs={"large": (bn, warps, stages, 0, bm)}, large_mode="dot")
+                    plans = [make_plan(q, configs={"large": (bn, warps, stages, per_sm, bm)}, large_mode="dot")
                              for q in qts]
                     t = timed(x, qts, outs, plans)
                 except Exception as e:  # noqa: BLE001 (a config that does not compile or fit is skipped)
-                    print(f"  skip {(bm, bn, warps, stages)}: {type(e).__name__}", flush=True)
+                    print(f"  skip {(bm, bn, warps, stages, per_sm)}: {type(e).__name__}", flush=True)
                     continue
-                rows_out.append({"M": M, "K": K, "N": N, "cfg": [bm, bn, warps, stages], "us": t * 1e6,
+                rows_out.append({"M": M, "K": K, "N": N, "cfg": [bm, bn, warps, stages, per_sm], "us": t * 1e6,
                                  "dequant_us": t_deq * 1e6})
-                best = min(best, (t, (bm, bn, warps, stages)))
+                print(f"  M={M} {K}x{N} {(bm, bn, warps, stages, per_sm)}: {t * 1e6:.1f} us", flush=True)
+                best = min(best, (t, (bm, bn, warps, stages, per_sm)))
             tflops = 2 * M * K * N / 1e12
             print(f"M={M} {K}x{N}: dequant+cuBLAS {t_deq * 1e6:.1f} us ({tflops / t_deq:.0f} TFLOP/s), "
                   f"fused best {best[0] * 1e6:.1f} us ({tflops / best[0]:.0f} TFLOP/s) at {best[1]}", flush=True)

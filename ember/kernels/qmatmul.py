@@ -163,9 +163,9 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int,
     M, N = x2.shape[0], qt.out_features
     grid = (triton.cdiv(N, launch.block_n), launch.splits, triton.cdiv(M, block_m))
     atomic = launch.splits > 1
-    if M <= SMALL_ROWS:
+    if M <= SMALL_ROWS or not atomic:  # (one split stores directly: the workspace is never touched)
         buf, cnt = plan.workspace
-    else:  # large "dot" mode: a fresh zeroed workspace (not for graphs)
+    else:  # large "dot" mode split along K: a fresh zeroed workspace
         buf = torch.zeros(M * N, dtype=torch.float32, device=x2.device)
         cnt = torch.zeros(grid[0] * grid[2], dtype=torch.int32, device=x2.device)
     dummy = qt.qweight  # never read when the flag is off

@@ -6,9 +6,10 @@ matrices issue-bound (docs/dev/qmatmul-notes.md). Here a plane word of width P y
 16-bit half, slot j + V/2 in the high half, same bit offset S), and per pair:
 - LOP3 (word & mask) | 0x6400_6400: each half is the fp16 1024 + v * 2^S, exact while S + P <= 10 (slots
   higher up are taken from word >> 8, at S - 8);
-- HFMA2 by 2^(E-S-4) minus (1024 + Z * 2^S) * 2^(E-S-4): (v - Z) * 2^(E-4) exactly (small integers times a
-  power of two). Z centres the first plane at 2^(bits-1); E = 0 for the first plane, its width for the
-  second (planes add as (P1 - Z) + 2^P1 * P2); the 1/16 keeps the fp16 sums far from overflow;
+- HFMA2 by 2^(-S-4) minus (1024 + Z * 2^S) * 2^(-S-4): (v - Z) / 16 exactly (small integers times a power
+  of two). Z centres the code at 2^(bits-1); the 1/16 keeps the fp16 sums far from overflow. A second plane
+  (3, 5, 6 bits) is lined up with the first (`plane2_rows`) and shifted just above its bits, so a second
+  LOP3 completes the code in the same pair: 4 instructions per two weights instead of 6 for two passes;
 - HFMA2 with the matching pair of inputs (x[j*R + t], x[(j + V/2)*R + t]) into an f16x2 accumulator.
 One word's products are summed in fp16 (4 per half at 4 bits, 8 at 2 bits, 16 at 1 bit), then converted to
 fp32; everything after (scales, the zero-point correction, split-K) stays fp32. ExLlamaV2 accumulates 8
@@ -43,20 +44,42 @@ def _pair_const(value: tl.constexpr):
 
 
 @triton.jit
-def _step(acc, src, MASK: tl.constexpr, F: tl.constexpr, C: tl.constexpr, xp, ASM: tl.constexpr):
-    """acc += ((src & MASK | fp16 1024 magic) * F + C) * xp, on both fp16 halves of each int32."""
+def _step(acc, src1, src2, M1: tl.constexpr, M2: tl.constexpr, F: tl.constexpr, C: tl.constexpr, xp, magic,
+          TWO: tl.constexpr, ASM: tl.constexpr):
+    """acc += ((src1 & M1 | src2 & M2 | fp16 1024 magic) * F + C) * xp on both fp16 halves of each int32; the
+    second plane's bits (src2 & M2, only when TWO) sit just above the first's, so the pair is the whole code."""
     if ASM:
-        acc = tl.inline_asm_elementwise(
-            "{ .reg .b32 p; lop3.b32 p, $1, $2, 0x64006400, 0xEA; fma.rn.f16x2 p, p, $3, $4; "
-            "fma.rn.f16x2 $0, p, $5, $6; }",
-            "=r,r,r,r,r,r,r", [src, MASK, _pair_const(F), _pair_const(C), xp, acc], dtype=tl.int32,
-            is_pure=True, pack=1)
+        if TWO:
+            acc = tl.inline_asm_elementwise(
+                "{ .reg .b32 p; lop3.b32 p, $1, $3, $9, 0xEA; lop3.b32 p, $2, $4, p, 0xEA; "
+                "fma.rn.f16x2 p, p, $5, $6; fma.rn.f16x2 $0, p, $7, $8; }",
+                "=r,r,r,r,r,r,r,r,r,r", [src1, src2, M1, M2, _pair_const(F), _pair_const(C), xp, acc, magic],
+                dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            acc = tl.inline_asm_elementwise(
+                "{ .reg .b32 p; lop3.b32 p, $1, $2, $7, 0xEA; fma.rn.f16x2 p, p, $3, $4; "
+                "fma.rn.f16x2 $0, p, $5, $6; }",
+                "=r,r,r,r,r,r,r,r", [src1, M1, _pair_const(F), _pair_const(C), xp, acc, magic], dtype=tl.int32,
+                is_pure=True, pack=1)
     else:
-        p = (src & MASK) | 0x64006400
+        p = (src1 & M1) | magic
+        if TWO:
+            p = p | (src2 & M2)
         lo = ((_from16(p) * F + C) * _from16(xp) + _from16(acc)).to(tl.float16)
         hi = ((_from16(p >> 16) * F + C) * _from16(xp >> 16) + _from16(acc >> 16)).to(tl.float16)
         acc = _bits16(lo) | (_bits16(hi) << 16)
     return acc
+
+
+@triton.jit
+def plane2_rows(q_ptr, row, offs_n, n_mask, N, P1: tl.constexpr, P2: tl.constexpr):
+    """Second-plane words lined up with the first plane's 2*P1 word rows: input j*2P1 + t of the first plane
+    sits in second-plane word t % 2P2 at slot j*(P1/P2) + t // 2P2, and its partner (slot j + 16/P1) at
+    that slot + 16/P2, the same bit of the high half. Row t is that word shifted right (logically) by
+    (t // 2P2) * P2, so both planes have the pair at the same bit offset j*P1 for every row: (2P1, BN) int32."""
+    t = tl.arange(0, 2 * P1)
+    w = tl.load(q_ptr + (row + t % (2 * P2))[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+    return (w.to(tl.uint32, bitcast=True) >> ((t // (2 * P2)) * P2)[:, None]).to(tl.int32, bitcast=True)
 
 
 @triton.jit
@@ -73,17 +96,28 @@ def _halves(acc, ASM: tl.constexpr):
 
 
 @triton.jit
-def plane_part_h2(w, x_ptr, perm_ptr, kb, BN: tl.constexpr, P: tl.constexpr, E: tl.constexpr, Z: tl.constexpr,
-                  HAS_PERM: tl.constexpr, SUM_X: tl.constexpr, ASM: tl.constexpr):
-    """One plane (words w (2P, BN)) of one block of 64 inputs at kb -> (lo, hi, sx_lo, sx_hi):
-    lo / hi (2P, BN) fp32 = sum of (v - Z) * 2^(E-4) * x over each word's slots of inputs 0..31 / 32..63;
-    sx_lo / sx_hi: the sums of those inputs (fp32 scalars, when SUM_X; for the zero-point correction).
-    x is fp16."""
+def plane_part_h2(w, w2, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr, P: tl.constexpr, P2: tl.constexpr,
+                  Z: tl.constexpr, HAS_PERM: tl.constexpr, SUM_X: tl.constexpr, ASM: tl.constexpr):
+    """One block of 64 inputs at kb: first-plane words w (2P, BN) and, when P2 > 0, the second plane lined
+    up by plane2_rows (w2, (2P, BN)) -> (lo, hi, sx_lo, sx_hi):
+    lo / hi (2P, BN) fp32 = sum of (v - Z) / 16 * x over each word's slots of inputs 0..31 / 32..63, v the
+    whole code (first plane + 2^P * second plane); sx_lo / sx_hi: the sums of those inputs (fp32 scalars,
+    when SUM_X; for the zero-point correction). x is fp16; ones is the runtime -1 (the fp16 magic built from
+    it stays in a register: with the mask also an immediate, ptxas would re-materialize one per LOP3)."""
     V: tl.constexpr = 32 // P
     R: tl.constexpr = 2 * P
     H: tl.constexpr = V // 2
     M: tl.constexpr = (1 << P) - 1
-    w8 = w >> 8  # slots whose 1024 + v * 2^S would not fit the fp16 mantissa are taken 8 bits lower
+    M2: tl.constexpr = (1 << P2) - 1
+    B: tl.constexpr = P + P2  # code bits: 1024 + code * 2^S is exact while S + B <= 10
+    w8 = w >> 8  # slots higher up are taken 8 bits lower (only bits 0..7 of each half are read from w8)
+    w2d = w  # (unused for one plane)
+    w28 = w
+    if P2 > 0:  # second-plane bits moved just above the first plane's: the pair then holds whole codes
+        w2u = w2.to(tl.uint32, bitcast=True)
+        w2d = (w2u << P).to(tl.int32, bitcast=True)
+        w28 = ((w2u >> 8) << P).to(tl.int32, bitcast=True)
+    magic = ones & 0x64006400
     acc = tl.zeros((R, BN), tl.int32)
     sx_lo = 0.0
     sx_hi = 0.0
@@ -100,11 +134,11 @@ def plane_part_h2(w, x_ptr, perm_ptr, kb, BN: tl.constexpr, P: tl.constexpr, E: 
             sx_lo += tl.sum(xa.to(tl.float32))
             sx_hi += tl.sum(xb.to(tl.float32))
         xp = (_bits16(xa) | (_bits16(xb) << 16))[:, None]
-        if S + P <= 10:
-            acc = _step(acc, w, (M << S) | (M << (S + 16)), 1.0 / (1 << (S + 4 - E)),
-                        -(1024.0 + Z * (1 << S)) / (1 << (S + 4 - E)), xp, ASM)
+        if S + B <= 10:
+            acc = _step(acc, w, w2d, (M << S) | (M << (S + 16)), (M2 << (S + P)) | (M2 << (S + P + 16)),
+                        1.0 / (1 << (S + 4)), -(1024.0 + Z * (1 << S)) / (1 << (S + 4)), xp, magic, P2 > 0, ASM)
         else:
-            acc = _step(acc, w8, (M << (S - 8)) | (M << (S + 8)), 1.0 / (1 << (S - 4 - E)),
-                        -(1024.0 + Z * (1 << (S - 8))) / (1 << (S - 4 - E)), xp, ASM)
+            acc = _step(acc, w8, w28, (M << (S - 8)) | (M << (S + 8)), (M2 << (S - 8 + P)) | (M2 << (S + 8 + P)),
+                        1.0 / (1 << (S - 4)), -(1024.0 + Z * (1 << (S - 8))) / (1 << (S - 4)), xp, magic, P2 > 0, ASM)
     lo, hi = _halves(acc, ASM)
     return lo, hi, sx_lo, sx_hi

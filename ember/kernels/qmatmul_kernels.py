@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ember.kernels import pdl
-from ember.kernels.qmatmul_h2 import plane_part_h2
+from ember.kernels.qmatmul_h2 import plane2_rows, plane_part_h2
 
 MAGIC = tl.constexpr(8388608.0)  # 2^23
 
@@ -114,40 +114,38 @@ def _tile_fma(a1, a2, zc, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, kb, o
     """Accumulate one block of 64 inputs (plane words w1 / w2, group scales) into a1 / a2; with H2 (packed
     halves, qmatmul_h2.py) the first plane is centred at Z0 and zc collects (z - Z0) * s * sum(x)."""
     if H2:
-        lo, hi, sx_lo, sx_hi = plane_part_h2(w1, x_ptr, perm_ptr, kb, BN, P1, 0, Z0, HAS_PERM, HAS_ZEROS, H2 == 2)
+        lo, hi, sx_lo, sx_hi = plane_part_h2(w1, w2, x_ptr, perm_ptr, kb, ones, BN, P1, P2, Z0, HAS_PERM,
+                                             HAS_ZEROS, H2 == 2)
         if HAS_G32:
             a1 += lo * (16.0 * s_lo)[None, :] + hi * (16.0 * s_hi)[None, :]
         else:
             a1 += (lo + hi) * (16.0 * s_lo)[None, :]
         if HAS_ZEROS:
             zc += (z_lo - Z0) * s_lo * sx_lo + (z_hi - Z0) * s_hi * sx_hi
-        if P2 > 0:
-            lo, hi, _, _ = plane_part_h2(w2, x_ptr, perm_ptr, kb, BN, P2, P1, 0, HAS_PERM, False, H2 == 2)
-            if HAS_G32:
-                a2 += lo * (16.0 * s_lo)[None, :] + hi * (16.0 * s_hi)[None, :]
-            else:
-                a2 += (lo + hi) * (16.0 * s_lo)[None, :]
-        return a1, a2, zc
-    lo, hi = _plane_part(w1, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, silu_off, BN, P1, True, Z0, HAS_ZEROS,
-                         HAS_PERM, HAS_G32, SILU)
-    a1 += lo * s_lo[None, :]
-    if HAS_G32:
-        a1 += hi * s_hi[None, :]
-    if P2 > 0:
-        lo, hi = _plane_part(w2, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, silu_off, BN, P2, False, Z0, HAS_ZEROS,
+    else:
+        lo, hi = _plane_part(w1, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, silu_off, BN, P1, True, Z0, HAS_ZEROS,
                              HAS_PERM, HAS_G32, SILU)
-        a2 += lo * (s_lo * (1 << P1))[None, :]
+        a1 += lo * s_lo[None, :]
         if HAS_G32:
-            a2 += hi * (s_hi * (1 << P1))[None, :]
+            a1 += hi * s_hi[None, :]
+        if P2 > 0:
+            lo, hi = _plane_part(w2, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, silu_off, BN, P2, False, Z0, HAS_ZEROS,
+                                 HAS_PERM, HAS_G32, SILU)
+            a2 += lo * (s_lo * (1 << P1))[None, :]
+            if HAS_G32:
+                a2 += hi * (s_hi * (1 << P1))[None, :]
     return a1, a2, zc
 
 
 @triton.jit
 def _tile_load(q_ptr, s_ptr, z_ptr, t, g, q1row, q2row, srow, kk0, offs_n, n_mask, N, P1: tl.constexpr,
-               P2: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G32: tl.constexpr):
-    """Plane words and group scales / zeros of tile t of a split."""
+               P2: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G32: tl.constexpr, H2: tl.constexpr):
+    """Plane words and group scales / zeros of tile t of a split (H2: the second plane lined up with the
+    first, qmatmul_h2.plane2_rows)."""
     w1 = _plane_words(q_ptr, q1row + t * (2 * P1), offs_n, n_mask, N, P1)
-    if P2 > 0:
+    if H2 and P2 > 0:
+        w2 = plane2_rows(q_ptr, q2row + t * (2 * P2), offs_n, n_mask, N, P1, P2)
+    elif P2 > 0:
         w2 = _plane_words(q_ptr, q2row + t * (2 * P2), offs_n, n_mask, N, P2)
     else:
         w2 = w1
@@ -165,7 +163,7 @@ def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, sro
               HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, PDL: tl.constexpr,
               SILU: tl.constexpr, H2: tl.constexpr):
     """One row of x over one split -> (1, BN) float32. Planes combine as (P1 - z) + 2^p1 * P2.
-    H2 (0 off, 1 plain Triton, 2 PTX): packed-half decode of 2- and 4-bit first planes (qmatmul_h2.py).
+    H2 (0 off, 1 plain Triton, 2 PTX): packed-half decode (qmatmul_h2.py) of 2- to 6-bit codes.
     Tile 0 is peeled off the loop and its words and scales are loaded before pdl.wait: weights are never
     written by an earlier kernel, so under PDL their load overlaps the previous kernel's tail (the small
     matrices give a program one or two tiles). The loop keeps the old register budget (a software-pipelined
@@ -177,14 +175,14 @@ def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, sro
     first = 0
     if PDL == 2:
         w1, w2, s_lo, z_lo, s_hi, z_hi = _tile_load(q_ptr, s_ptr, z_ptr, 0, g, q1row, q2row, srow, kk0, offs_n,
-                                                    n_mask, N, P1, P2, HAS_ZEROS, HAS_G32)
+                                                    n_mask, N, P1, P2, HAS_ZEROS, HAS_G32, H2)
         pdl.wait(PDL)
         a1, a2, zc = _tile_fma(a1, a2, zc, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, tl.multiple_of(k0, 64),
                                ones, silu_off, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM, HAS_G32, SILU, H2)
         first = 1
     for t in range(first, nt):
         w1, w2, s_lo, z_lo, s_hi, z_hi = _tile_load(q_ptr, s_ptr, z_ptr, t, g, q1row, q2row, srow, kk0, offs_n,
-                                                    n_mask, N, P1, P2, HAS_ZEROS, HAS_G32)
+                                                    n_mask, N, P1, P2, HAS_ZEROS, HAS_G32, H2)
         a1, a2, zc = _tile_fma(a1, a2, zc, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr,
                                tl.multiple_of(k0 + t * 64, 64), ones, silu_off, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM,
                                HAS_G32, SILU, H2)
@@ -206,6 +204,16 @@ def _codes64(q_ptr, t, q1row, q2row, offs_n, n_mask, N, BN: tl.constexpr, P1: tl
 
 
 @triton.jit
+def _plane64(q_ptr, row, offs_n, n_mask, N, P: tl.constexpr):
+    """(64, BN) int32 codes of one plane of a block of 64, rows in input order, built without a 3-D reshape:
+    row r reads word row r % 2P (each word 32/P times, from cache) and shifts it by (r // 2P) * P, so the tile
+    keeps the load's column-contiguous layout all the way to the shared-memory store of the MMA operand."""
+    r = tl.arange(0, 64)
+    w = tl.load(q_ptr + (row + r % (2 * P))[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+    return (w >> ((r // (2 * P)) * P)[:, None]) & ((1 << P) - 1)
+
+
+@triton.jit
 def _loop_dot(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, srow,
               kk0, offs_n, n_mask, N, BM: tl.constexpr, BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
               HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, DOT_DT: tl.constexpr):
@@ -223,28 +231,38 @@ def _loop_dot(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, k
             idx = tl.load(perm_ptr + idx)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + idx[None, :], mask=m_mask[:, None], other=0.0)
         x = x.to(DOT_DT)
-        f = _codes64(q_ptr, t, q1row, q2row, offs_n, n_mask, N, BN, P1, P2)
         s_lo, z_lo = _scale_zero(s_ptr, z_ptr, srow + (kk0 + t * 64) // g, offs_n, n_mask, N, HAS_ZEROS)
-        c_lo = z_lo + (MAGIC if HAS_ZEROS else MAGIC + Z0)  # 2^23 + zero
-        if FOLD:
+        if FOLD:  # fp16 arithmetic, two columns per instruction: (1024 + code) - (1024 + zero) is exact, and
+            # the product with the fp16 scale rounds once, as the dequantize path's fp32 product cast to fp16
+            codes = _plane64(q_ptr, q1row + t * (2 * P1), offs_n, n_mask, N, P1)
+            if P2 > 0:
+                codes += _plane64(q_ptr, q2row + t * (2 * P2), offs_n, n_mask, N, P2) << P1
+            h = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + code
             if HAS_G32:
                 s_hi, z_hi = _scale_zero(s_ptr, z_ptr, srow + (kk0 + t * 64 + 32) // g, offs_n, n_mask, N,
                                          HAS_ZEROS)
-                c_hi = z_hi + (MAGIC if HAS_ZEROS else MAGIC + Z0)
                 lo = (offs64 < 32)[:, None]
-                w = (f - tl.where(lo, c_lo[None, :], c_hi[None, :])) * tl.where(lo, s_lo[None, :], s_hi[None, :])
+                c = tl.where(lo, z_lo[None, :], z_hi[None, :])
+                s = tl.where(lo, s_lo[None, :], s_hi[None, :])
             else:
-                w = (f - c_lo[None, :]) * s_lo[None, :]
+                c = z_lo[None, :]
+                s = s_lo[None, :]
+            if not HAS_ZEROS:
+                c = c + Z0
+            w = (h - (c + 1024.0).to(tl.float16)) * s.to(tl.float16)
             acc = tl.dot(x, w.to(DOT_DT), acc)
-        elif HAS_G32:
-            s_hi, z_hi = _scale_zero(s_ptr, z_ptr, srow + (kk0 + t * 64 + 32) // g, offs_n, n_mask, N, HAS_ZEROS)
-            c_hi = z_hi + (MAGIC if HAS_ZEROS else MAGIC + Z0)
-            lo = offs64 < 32
-            w = (f - tl.where(lo[:, None], c_lo[None, :], c_hi[None, :])).to(DOT_DT)
-            x_lo = tl.where(lo[None, :], x, 0.0).to(DOT_DT)
-            acc += tl.dot(x_lo, w) * s_lo[None, :] + tl.dot((x - x_lo).to(DOT_DT), w) * s_hi[None, :]
         else:
-            acc += tl.dot(x, (f - c_lo[None, :]).to(DOT_DT)) * s_lo[None, :]
+            f = _codes64(q_ptr, t, q1row, q2row, offs_n, n_mask, N, BN, P1, P2)
+            c_lo = z_lo + (MAGIC if HAS_ZEROS else MAGIC + Z0)  # 2^23 + zero
+            if HAS_G32:
+                s_hi, z_hi = _scale_zero(s_ptr, z_ptr, srow + (kk0 + t * 64 + 32) // g, offs_n, n_mask, N, HAS_ZEROS)
+                c_hi = z_hi + (MAGIC if HAS_ZEROS else MAGIC + Z0)
+                lo = offs64 < 32
+                w = (f - tl.where(lo[:, None], c_lo[None, :], c_hi[None, :])).to(DOT_DT)
+                x_lo = tl.where(lo[None, :], x, 0.0).to(DOT_DT)
+                acc += tl.dot(x_lo, w) * s_lo[None, :] + tl.dot((x - x_lo).to(DOT_DT), w) * s_hi[None, :]
+            else:
+                acc += tl.dot(x, (f - c_lo[None, :]).to(DOT_DT)) * s_lo[None, :]
     return acc
 
 
