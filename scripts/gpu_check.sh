@@ -111,7 +111,7 @@ fi
 if has attn; then
   log "decode attention at batch 1 (splits / block / min span)"
   python3 scripts/bench_attention.py decode_short > "$OUT/attention.txt" 2>&1
-  grep -E '"(ctx|us|num_splits|block_n|min_span)"' "$OUT/attention.txt" | paste -sd' ' | sed 's/ "ctx"/\n"ctx"/g' | tail -20
+  python3 -c "import json; [print(r) for r in json.load(open('$OUT/attention.json'))['decode_short']]" 2>&1 | tail -20
 fi
 if has tests; then
   log "GPU tests"
