@@ -61,7 +61,17 @@ class QMatmulPlan:
 # H100 sweep (docs/dev/qmatmul-notes.md) found (512, 4 warps, 8 programs per SM) best on average; 8 columns
 # per thread (fewer instructions per weight) measured slower.
 DEFAULTS = {"gemv": (512, 4, 2, 8), "small": (64, 4, 2, 4), "large": (64, 4, 2, 2)}
-TUNED: dict[tuple[int, int, int, str], tuple[int, ...]] = {}
+# H100 sweep with the packed-half decode (scripts/sweep_qmatmul.py, docs/benchmarks.md): 2-bit matrices do
+# best with 8 columns per thread (2 warps) on most shapes; per-shape entries where the best beat the
+# default by more than 2%.
+WIDTH_DEFAULTS = {(2, "gemv"): (512, 2, 2, 8)}
+TUNED: dict[tuple[int, int, int, str], tuple[int, ...]] = {
+    (4096, 6144, 4, "gemv"): (512, 4, 2, 4),  # 8.0 us (default 8.7)
+    (4096, 28672, 4, "gemv"): (256, 2, 2, 8),  # 27.3 (27.8)
+    (14336, 4096, 4, "gemv"): (256, 2, 2, 8),  # 14.5 (14.9)
+    (4096, 6144, 3, "gemv"): (512, 4, 2, 2),  # 9.1 (9.6)
+    (4096, 6144, 2, "gemv"): (512, 4, 2, 8),  # 6.6 (6.8 with the 2-bit default)
+}
 
 
 def _interpreting() -> bool:
@@ -91,7 +101,8 @@ def split_meta(segments: list[list[int]], tiles_per_split: int) -> torch.Tensor:
 def _launch(segments, K: int, N: int, mode: str, device: torch.device, tiles: int | None,
             config: tuple[int, int, int, int] | None) -> Launch:
     bits = segments[0][2] if len(segments) == 1 else 0
-    bn, warps, stages, per_sm, *bm = config or TUNED.get((K, N, bits, mode), DEFAULTS[mode])
+    bn, warps, stages, per_sm, *bm = (config or TUNED.get((K, N, bits, mode)) or WIDTH_DEFAULTS.get((bits, mode))
+                                      or DEFAULTS[mode])
     if tiles is None:  # enough programs to fill the GPU: col blocks * splits ~ per_sm * SMs
         col_blocks = triton.cdiv(N, bn)
         want = max(1, per_sm * _sm_count(device) // col_blocks)

@@ -121,15 +121,16 @@ def plane_part_h2(w, w2, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr, P: tl.cons
     acc = tl.zeros((R, BN), tl.int32)
     sx_lo = 0.0
     sx_hi = 0.0
+    xrow = x_ptr + kb + tl.arange(0, R)  # one 64-bit address per thread; the slots add constant offsets
     for j in tl.static_range(H):
         S = j * P
-        ia = kb + j * R + tl.arange(0, R)
-        ib = ia + H * R
         if HAS_PERM:
-            ia = tl.load(perm_ptr + ia)
-            ib = tl.load(perm_ptr + ib)
-        xa = tl.load(x_ptr + ia)
-        xb = tl.load(x_ptr + ib)
+            ia = kb + j * R + tl.arange(0, R)
+            xa = tl.load(x_ptr + tl.load(perm_ptr + ia))
+            xb = tl.load(x_ptr + tl.load(perm_ptr + ia + H * R))
+        else:
+            xa = tl.load(xrow + j * R)
+            xb = tl.load(xrow + (j + H) * R)
         if SUM_X:
             sx_lo += tl.sum(xa.to(tl.float32))
             sx_hi += tl.sum(xb.to(tl.float32))

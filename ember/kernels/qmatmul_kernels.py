@@ -149,12 +149,20 @@ def _tile_load(q_ptr, s_ptr, z_ptr, t, g, q1row, q2row, srow, kk0, offs_n, n_mas
         w2 = _plane_words(q_ptr, q2row + t * (2 * P2), offs_n, n_mask, N, P2)
     else:
         w2 = w1
-    s_lo, z_lo = _scale_zero(s_ptr, z_ptr, srow + (kk0 + t * 64) // g, offs_n, n_mask, N, HAS_ZEROS)
+    s_lo, z_lo = _scale_zero(s_ptr, z_ptr, srow + _group(kk0 + t * 64, g), offs_n, n_mask, N, HAS_ZEROS)
     if HAS_G32:
-        s_hi, z_hi = _scale_zero(s_ptr, z_ptr, srow + (kk0 + t * 64 + 32) // g, offs_n, n_mask, N, HAS_ZEROS)
+        s_hi, z_hi = _scale_zero(s_ptr, z_ptr, srow + _group(kk0 + t * 64 + 32, g), offs_n, n_mask, N, HAS_ZEROS)
     else:
         s_hi, z_hi = s_lo, z_lo
     return w1, w2, s_lo, z_lo, s_hi, z_hi
+
+
+@triton.jit
+def _group(k, inv_g):
+    """k // g for k a multiple of 32 and g (32 or a multiple of 64) given as the fp32 1/g: (k + 16) / g lies
+    at least 16/g from an integer, far more than fp32 rounding, so truncation is exact. Three instructions
+    instead of an integer division per tile (the divisor is a runtime value)."""
+    return ((k + 16).to(tl.float32) * inv_g).to(tl.int32)
 
 
 @triton.jit
@@ -169,6 +177,7 @@ def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, sro
     matrices give a program one or two tiles). The loop keeps the old register budget (a software-pipelined
     loop measured 184 registers instead of 72 offline, for sm_90)."""
     Z0: tl.constexpr = 1 << (P1 + P2 - 1)
+    g = 1.0 / g.to(tl.float32)  # _tile_load takes 1/g (_group)
     a1 = tl.zeros((2 * P1, BN), tl.float32)
     a2 = tl.zeros((2 * P2 if P2 > 0 else 1, BN), tl.float32)
     zc = tl.zeros((BN,), tl.float32)
