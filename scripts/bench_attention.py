@@ -150,12 +150,10 @@ def main() -> None:
                                  for bn, w in ((64, 4), (128, 4), (32, 8))]
         + [bench_decode(1, 8192, bw, num_splits=s) for s in (16, 64)],
         # batch 1 after a 512 / 2048-token prompt, as the engine runs it: its block tables span the whole
-        # context window (4096 -> 32 splits), so most splits get one block of keys; min_span trades splits
-        # for longer ones
-        "decode_short": lambda: [bench_decode(1, c, bw, num_splits=s, block_n=bn, min_span=ms)
+        # context window (4096 -> 32 splits), so most splits get one block of keys
+        "decode_short": lambda: [bench_decode(1, c, bw, num_splits=s, block_n=bn)
                                  for c in (576, 2112)
-                                 for s, bn, ms in ((32, 32, 0), (32, 32, 128), (32, 32, 256), (32, 64, 256),
-                                                   (32, 64, 512), (16, 32, 0), (8, 32, 0), (8, 64, 0), (4, 64, 0))],
+                                 for s, bn in ((32, 32), (16, 32), (8, 32), (8, 64), (4, 64))],
         "prefill": lambda: [bench_prefill(n) for n in (512, 2048)],
         "rope_store_kv": lambda: [bench_rope_store(t) for t in (1, 32, 2048)],
     }

@@ -109,7 +109,7 @@ if has bpw; then
   for bpw in 2.5 3.0 5.0 6.0; do bench --synthetic llama3-8b --bpw $bpw --head-bits 8 --prompt-len 512 --gen-len 128; done
 fi
 if has attn; then
-  log "decode attention at batch 1 (splits / block / min span)"
+  log "decode attention at batch 1 (splits / block)"
   python3 scripts/bench_attention.py decode_short > "$OUT/attention.txt" 2>&1
   python3 -c "import json; [print(r) for r in json.load(open('$OUT/attention.json'))['decode_short']]" 2>&1 | tail -20
 fi

@@ -19,14 +19,13 @@ from ember.kernels.attention_common import LOG2E, NO_WINDOW, dot_flags, paged_kv
 
 MIN_SPLIT_TOKENS = 128  # fewer keys per split than this costs more in the reduce than it wins
 MAX_SPLITS = 64
-MIN_SPAN = 0  # keys per split at least (0: the splits always share the keys evenly); see min_span
 
 
 @triton.jit
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_o_ptr, part_lse_ptr,
                    qk_scale, window, s_q_t, s_q_h, s_c_p, s_c_h, s_c_s, s_bt, s_o_t, s_o_h,
                    G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, MIN_SPAN: tl.constexpr, DOT_F32: tl.constexpr,
+                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_F32: tl.constexpr,
                    DOT_PREC: tl.constexpr, PDL: tl.constexpr):
     pdl.launch_dependents(PDL)
     pdl.wait(PDL)
@@ -38,9 +37,8 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr
     hi = tl.load(seq_lens_ptr + b)
     lo = tl.maximum(hi - window, 0)
     hi = tl.where(n_q > 0, hi, lo)
-    # Splits cut the visible keys [lo, hi) into NUM_SPLITS slices of whole BLOCK_N blocks, each at least
-    # MIN_SPAN keys long (the splits past the keys return at once and the reduce gives them no weight).
-    span = tl.maximum(tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N, MIN_SPAN)
+    # Splits cut the visible keys [lo, hi) into NUM_SPLITS slices of whole BLOCK_N blocks.
+    span = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = lo + split * span
     end = tl.minimum(start + span, hi)
 
@@ -114,7 +112,7 @@ def choose_num_splits(batch: int, kv_heads: int, capacity: int, device: torch.de
 def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale: float,
                      sliding_window: int | None = None, num_splits: int | None = None,
                      block_n: int | None = None, num_warps: int = 4,
-                     out: torch.Tensor | None = None, min_span: int | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """q: (T, Hq, D) with at most one new token per sequence; caches (P, Hk, page, D); block_tables (B, max
     pages) int32; seq_lens (B,) and query_start_loc (B + 1,) int32 device tensors. Returns (T, Hq, D)."""
     t, hq, dim = q.shape
@@ -122,7 +120,6 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_lo
     if num_splits is None:
         num_splits = choose_num_splits(batch, hk, block_tables.shape[1] * page, q.device)
     block_n = block_n or 32  # measured: 32 beat 64 and 128 on H100 (docs/dev/kernel-notes.md)
-    min_span = MIN_SPAN if min_span is None else min_span
     g = hq // hk
     out = torch.empty((t, hq, dim), dtype=q.dtype, device=q.device) if out is None else out
     assert out.shape == q.shape and out.stride(-1) == 1
@@ -138,7 +135,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_lo
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), HEAD_DIM=dim, PAGE=page, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, MIN_SPAN=triton.cdiv(min_span, block_n) * block_n, DOT_F32=dot_f32, DOT_PREC=dot_prec, num_warps=num_warps,
+        NUM_SPLITS=num_splits, DOT_F32=dot_f32, DOT_PREC=dot_prec, num_warps=num_warps,
         **pdl.launch_kwargs(q.device))
     if num_splits > 1:
         _decode_reduce_kernel[(batch, hq)](part_o, part_lse, query_start_loc, out, out.stride(0),

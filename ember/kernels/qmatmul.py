@@ -61,16 +61,15 @@ class QMatmulPlan:
 # H100 sweep (docs/dev/qmatmul-notes.md) found (512, 4 warps, 8 programs per SM) best on average; 8 columns
 # per thread (fewer instructions per weight) measured slower.
 DEFAULTS = {"gemv": (512, 4, 2, 8), "small": (64, 4, 2, 4), "large": (64, 4, 2, 2)}
-# H100 sweep with the packed-half decode (scripts/sweep_qmatmul.py, docs/benchmarks.md): 2-bit matrices do
-# best with 8 columns per thread (2 warps) on most shapes; per-shape entries where the best beat the
-# default by more than 2%.
-WIDTH_DEFAULTS = {(2, "gemv"): (512, 2, 2, 8)}
+# Per-shape entries from the H100 sweep with the packed-half decode (scripts/sweep_qmatmul.py, call 4 in
+# docs/benchmarks.md) where the best config beat the default by more than 2%.
 TUNED: dict[tuple[int, int, int, str], tuple[int, ...]] = {
-    (4096, 6144, 4, "gemv"): (512, 4, 2, 4),  # 8.0 us (default 8.7)
-    (4096, 28672, 4, "gemv"): (256, 2, 2, 8),  # 27.3 (27.8)
-    (14336, 4096, 4, "gemv"): (256, 2, 2, 8),  # 14.5 (14.9)
-    (4096, 6144, 3, "gemv"): (512, 4, 2, 2),  # 9.1 (9.6)
-    (4096, 6144, 2, "gemv"): (512, 4, 2, 8),  # 6.6 (6.8 with the 2-bit default)
+    (4096, 6144, 2, "gemv"): (1024, 8, 2, 8),  # 5.7 us (default 6.3)
+    (4096, 4096, 2, "gemv"): (1024, 8, 2, 4),  # 5.4 (5.8)
+    (4096, 28672, 2, "gemv"): (256, 1, 2, 16),  # 18.9 (19.7)
+    (4096, 6144, 3, "gemv"): (128, 1, 2, 8),  # 8.8 (9.7)
+    (4096, 6144, 4, "gemv"): (128, 2, 2, 16),  # 7.2 (8.4)
+    (14336, 4096, 4, "gemv"): (256, 2, 2, 8),  # 13.4 (14.4)
 }
 
 
@@ -101,8 +100,7 @@ def split_meta(segments: list[list[int]], tiles_per_split: int) -> torch.Tensor:
 def _launch(segments, K: int, N: int, mode: str, device: torch.device, tiles: int | None,
             config: tuple[int, int, int, int] | None) -> Launch:
     bits = segments[0][2] if len(segments) == 1 else 0
-    bn, warps, stages, per_sm, *bm = (config or TUNED.get((K, N, bits, mode)) or WIDTH_DEFAULTS.get((bits, mode))
-                                      or DEFAULTS[mode])
+    bn, warps, stages, per_sm, *bm = config or TUNED.get((K, N, bits, mode), DEFAULTS[mode])
     if tiles is None:  # enough programs to fill the GPU: col blocks * splits ~ per_sm * SMs
         col_blocks = triton.cdiv(N, bn)
         want = max(1, per_sm * _sm_count(device) // col_blocks)

@@ -213,25 +213,11 @@ def _codes64(q_ptr, t, q1row, q2row, offs_n, n_mask, N, BN: tl.constexpr, P1: tl
 
 
 @triton.jit
-def _plane64(q_ptr, row, offs_n, n_mask, N, P: tl.constexpr):
-    """(64, BN) int32 codes of one plane of a block of 64, rows in input order, built without a 3-D reshape:
-    row r reads word row r % 2P (each word 32/P times, from cache) and shifts it by (r // 2P) * P, so the tile
-    keeps the load's column-contiguous layout all the way to the shared-memory store of the MMA operand."""
-    r = tl.arange(0, 64)
-    w = tl.load(q_ptr + (row + r % (2 * P))[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
-    return (w >> ((r // (2 * P)) * P)[:, None]) & ((1 << P) - 1)
-
-
-@triton.jit
 def _loop_dot(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, srow,
               kk0, offs_n, n_mask, N, BM: tl.constexpr, BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
               HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, DOT_DT: tl.constexpr):
-    """BM rows of x over one split -> (BM, BN) float32.
-    BM >= 64 (prefill, compute-bound): the group scale goes into the weights before the cast, so every tile
-    accumulates inside the MMA (acc = dot(x, w, acc)) and the next tile's decode overlaps the asynchronous
-    wgmma; smaller BM scales each tile's product instead (fewer multiplies, the decode path is memory-bound)."""
+    """BM rows of x over one split -> (BM, BN) float32."""
     Z0: tl.constexpr = 1 << (P1 + P2 - 1)
-    FOLD: tl.constexpr = BM >= 64
     acc = tl.zeros((BM, BN), tl.float32)
     offs64 = tl.arange(0, 64)
     for t in range(nt):
@@ -240,38 +226,18 @@ def _loop_dot(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, k
             idx = tl.load(perm_ptr + idx)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + idx[None, :], mask=m_mask[:, None], other=0.0)
         x = x.to(DOT_DT)
+        f = _codes64(q_ptr, t, q1row, q2row, offs_n, n_mask, N, BN, P1, P2)
         s_lo, z_lo = _scale_zero(s_ptr, z_ptr, srow + (kk0 + t * 64) // g, offs_n, n_mask, N, HAS_ZEROS)
-        if FOLD:  # fp16 arithmetic, two columns per instruction: (1024 + code) - (1024 + zero) is exact, and
-            # the product with the fp16 scale rounds once, as the dequantize path's fp32 product cast to fp16
-            codes = _plane64(q_ptr, q1row + t * (2 * P1), offs_n, n_mask, N, P1)
-            if P2 > 0:
-                codes += _plane64(q_ptr, q2row + t * (2 * P2), offs_n, n_mask, N, P2) << P1
-            h = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)  # 1024 + code
-            if HAS_G32:
-                s_hi, z_hi = _scale_zero(s_ptr, z_ptr, srow + (kk0 + t * 64 + 32) // g, offs_n, n_mask, N,
-                                         HAS_ZEROS)
-                lo = (offs64 < 32)[:, None]
-                c = tl.where(lo, z_lo[None, :], z_hi[None, :])
-                s = tl.where(lo, s_lo[None, :], s_hi[None, :])
-            else:
-                c = z_lo[None, :]
-                s = s_lo[None, :]
-            if not HAS_ZEROS:
-                c = c + Z0
-            w = (h - (c + 1024.0).to(tl.float16)) * s.to(tl.float16)
-            acc = tl.dot(x, w.to(DOT_DT), acc)
+        c_lo = z_lo + (MAGIC if HAS_ZEROS else MAGIC + Z0)  # 2^23 + zero
+        if HAS_G32:
+            s_hi, z_hi = _scale_zero(s_ptr, z_ptr, srow + (kk0 + t * 64 + 32) // g, offs_n, n_mask, N, HAS_ZEROS)
+            c_hi = z_hi + (MAGIC if HAS_ZEROS else MAGIC + Z0)
+            lo = offs64 < 32
+            w = (f - tl.where(lo[:, None], c_lo[None, :], c_hi[None, :])).to(DOT_DT)
+            x_lo = tl.where(lo[None, :], x, 0.0).to(DOT_DT)
+            acc += tl.dot(x_lo, w) * s_lo[None, :] + tl.dot((x - x_lo).to(DOT_DT), w) * s_hi[None, :]
         else:
-            f = _codes64(q_ptr, t, q1row, q2row, offs_n, n_mask, N, BN, P1, P2)
-            c_lo = z_lo + (MAGIC if HAS_ZEROS else MAGIC + Z0)  # 2^23 + zero
-            if HAS_G32:
-                s_hi, z_hi = _scale_zero(s_ptr, z_ptr, srow + (kk0 + t * 64 + 32) // g, offs_n, n_mask, N, HAS_ZEROS)
-                c_hi = z_hi + (MAGIC if HAS_ZEROS else MAGIC + Z0)
-                lo = offs64 < 32
-                w = (f - tl.where(lo[:, None], c_lo[None, :], c_hi[None, :])).to(DOT_DT)
-                x_lo = tl.where(lo[None, :], x, 0.0).to(DOT_DT)
-                acc += tl.dot(x_lo, w) * s_lo[None, :] + tl.dot((x - x_lo).to(DOT_DT), w) * s_hi[None, :]
-            else:
-                acc += tl.dot(x, (f - c_lo[None, :]).to(DOT_DT)) * s_lo[None, :]
+            acc += tl.dot(x, (f - c_lo[None, :]).to(DOT_DT)) * s_lo[None, :]
     return acc
 
 
