@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The one command run on the GPU machine (device tool): GPU tests + benchmarks, results under $OUT.
 #
-#   scripts/gpu_check.sh [smoke] [h2] [attn] [bench8b] [core] [exl2] [gptq8b] [bench70b] [bpw] [quick] [pdl] [profile]
-#                        [sweep] [prefillgemm] [tests]     (default: tests bench8b exl2)
-# smoke: the engine / model GPU tests first; h2: packed-half decode tests + A/B; attn: batch-1 decode attention configs; tests: the whole -m gpu suite, last; core: bench8b runs only
-# 4.0 bpw (512 and 2048 tokens) and the GPTQ folder; bpw: the 2.5 / 3.0 / 5.0 / 6.0 bpw decode runs.
-# pdl: decode/prefill of the 8B shape with each EMBER_PDL mode (kernels/pdl.py); profile: per-kernel GPU
-# time and prefill host overhead (scripts/profile_decode.py); sweep: batch-1 qmatmul launch configs.
+#   scripts/gpu_check.sh [smoke] [qtests] [h2] [attn] [bench8b] [core] [quick] [exl2] [gptq8b] [bench70b] [bpw]
+#                        [pdl] [profile] [sweep] [prefillgemm] [tests]     (default: tests bench8b exl2)
+# smoke: the engine / model GPU tests first; qtests: the one-row and mixed-width qmatmul GPU tests; h2: those
+# and an A/B of the packed-half decode (EMBER_H2=0/1); attn: batch-1 decode attention configs; tests: the
+# whole -m gpu suite, last. bench8b: 8B-shape benchmarks (core: only 4.0 bpw at 512 and 2048 tokens and the
+# GPTQ folder; quick: batch-1 qmatmul table only); bpw: the 2.5 / 3.0 / 5.0 / 6.0 bpw decode runs and 4.0 with
+# a 6-bit head. pdl: decode/prefill with each EMBER_PDL mode (kernels/pdl.py); profile: per-kernel GPU time
+# and prefill host overhead (scripts/profile_decode.py); sweep: batch-1 qmatmul launch configs; prefillgemm:
+# prefill-sized matmuls, dequant + cuBLAS against the fused Triton GEMM.
 #
 # Needs, carried in the ignored .whl/ folder: gguf-0.19.0 (tests), and for `exl2`/`bench70b`: exllamav2-0.3.2,
 # rich, pygments, markdown-it-py, mdurl (see bench/baselines/README.md). Python/torch/triton: the machine's own.
@@ -37,10 +40,12 @@ fi
 bench() {  # ember bench ... -> one JSON line appended to bench.jsonl
   python3 -m ember.cli bench --json -q "$@" 2>>"$OUT/bench_err.log" | tail -1 | tee -a "$OUT/bench.jsonl"
 }
-if has h2; then  # packed-half decode (kernels/qmatmul_h2.py): GPU tests, then A/B against the fp32 decode
+if has h2 || has qtests; then  # the quantized-matmul GPU tests of the one-row path and mixed widths
   log "qmatmul GPU tests (one-row and mixed)"
   timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -k "m1 or mixed or graph or silu" \
     tests/kernels/test_qmatmul.py 2>&1 | tee "$OUT/gpu_qmatmul.log" | tail -4
+fi
+if has h2; then  # packed-half decode (kernels/qmatmul_h2.py): A/B against the fp32 decode
   log "8B decode, EMBER_H2=0 (fp32 decode) / 1 (packed halves)"
   for m in 0 1; do
     EMBER_H2=$m python3 -m ember.cli bench --json -q --synthetic llama3-8b --bpw 4.0 --head-bits 8 \
@@ -52,7 +57,7 @@ if has h2; then  # packed-half decode (kernels/qmatmul_h2.py): GPU tests, then A
 fi
 if has bench8b; then
   log "bandwidth"; python3 bench/baselines/bandwidth.py | tee "$OUT/bandwidth.txt"
-  if ! has quick; then log "qmatmul"; python3 scripts/bench_qmatmul.py 2>&1 | tail -60 > "$OUT/qmatmul.txt"; fi
+  log "qmatmul"; python3 scripts/bench_qmatmul.py $(has quick && echo --quick) 2>&1 | tail -60 > "$OUT/qmatmul.txt"
   log "ember llama3-8b"
   bench --synthetic llama3-8b --bpw 4.0 --head-bits 8 --prompt-len 512 --gen-len 128
   bench --synthetic llama3-8b --bpw 4.0 --head-bits 8 --prompt-len 2048 --gen-len 128
@@ -107,6 +112,7 @@ fi
 if has bpw; then
   log "ember llama3-8b by bpw"
   for bpw in 2.5 3.0 5.0 6.0; do bench --synthetic llama3-8b --bpw $bpw --head-bits 8 --prompt-len 512 --gen-len 128; done
+  bench --synthetic llama3-8b --bpw 4.0 --head-bits 6 --prompt-len 512 --gen-len 128
 fi
 if has attn; then
   log "decode attention at batch 1 (splits / block)"
