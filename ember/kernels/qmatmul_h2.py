@@ -75,10 +75,11 @@ def _step(acc, src1, src2, M1: tl.constexpr, M2: tl.constexpr, F: tl.constexpr, 
 def plane2_rows(q_ptr, row, offs_n, n_mask, N, P1: tl.constexpr, P2: tl.constexpr):
     """Second-plane words lined up with the first plane's 2*P1 word rows: input j*2P1 + t of the first plane
     sits in second-plane word t % 2P2 at slot j*(P1/P2) + t // 2P2, and its partner (slot j + 16/P1) at
-    that slot + 16/P2, the same bit of the high half: row t of the result is word t % 2P2, (2P1, BN) int32,
-    and plane_part_h2 shifts row t by (t // 2P2) * P2 less than the pair's offset."""
+    that slot + 16/P2, the same bit of the high half. Row t is that word shifted right (logically) by
+    (t // 2P2) * P2, so both planes have the pair at the same bit offset j*P1 for every row: (2P1, BN) int32."""
     t = tl.arange(0, 2 * P1)
-    return tl.load(q_ptr + (row + t % (2 * P2))[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+    w = tl.load(q_ptr + (row + t % (2 * P2))[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
+    return (w.to(tl.uint32, bitcast=True) >> ((t // (2 * P2)) * P2)[:, None]).to(tl.int32, bitcast=True)
 
 
 @triton.jit
@@ -123,12 +124,10 @@ def plane_part_h2(w, w2, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr, P: tl.cons
     w8 = w >> 8  # slots higher up are taken 8 bits lower (only bits 0..7 of each half are read from w8)
     w2d = w  # (unused for one plane)
     w28 = w
-    if P2 > 0:  # second-plane bits moved just above the first plane's (bit s + P for the first plane's s):
-        # the pair then holds whole codes. Row t's bits sit (t // 2P2) * P2 higher than the first plane's.
-        st = ((tl.arange(0, R) // (2 * P2)) * P2)[:, None]
+    if P2 > 0:  # second-plane bits moved just above the first plane's: the pair then holds whole codes
         w2u = w2.to(tl.uint32, bitcast=True)
-        w2d = (w2u << (P - st)).to(tl.int32, bitcast=True)  # for slots read from w
-        w28 = (w2u >> (st + 8 - P)).to(tl.int32, bitcast=True)  # for slots read from w8 (logical shift)
+        w2d = (w2u << P).to(tl.int32, bitcast=True)
+        w28 = ((w2u >> 8) << P).to(tl.int32, bitcast=True)
     magic = ones & 0x64006400
     acc = tl.zeros((R, BN), tl.int32)
     sx_lo = 0.0
