@@ -83,17 +83,6 @@ def plane2_rows(q_ptr, row, offs_n, n_mask, N, P1: tl.constexpr, P2: tl.constexp
 
 
 @triton.jit
-def _hadd2(a, b, ASM: tl.constexpr):
-    """a + b on both fp16 halves."""
-    if ASM:
-        return tl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True,
-                                         pack=1)
-    lo = (_from16(a) + _from16(b)).to(tl.float16)
-    hi = (_from16(a >> 16) + _from16(b >> 16)).to(tl.float16)
-    return _bits16(lo) | (_bits16(hi) << 16)
-
-
-@triton.jit
 def _halves(acc, ASM: tl.constexpr):
     """f16x2 accumulator -> its (low, high) halves as fp32."""
     if ASM:
@@ -111,8 +100,8 @@ def plane_part_h2(w, w2, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr, P: tl.cons
                   Z: tl.constexpr, HAS_PERM: tl.constexpr, SUM_X: tl.constexpr, ASM: tl.constexpr):
     """One block of 64 inputs at kb: first-plane words w (2P, BN) and, when P2 > 0, the second plane lined
     up by plane2_rows (w2, (2P, BN)) -> (lo, hi, sx_lo, sx_hi):
-    lo / hi (P, BN) fp32 = sum of (v - Z) / 16 * x over the slots of word rows t and t + P, inputs 0..31 /
-    32..63, v the whole code (first plane + 2^P * second plane); sx_lo / sx_hi: the sums of those inputs (fp32 scalars,
+    lo / hi (2P, BN) fp32 = sum of (v - Z) / 16 * x over each word's slots of inputs 0..31 / 32..63, v the
+    whole code (first plane + 2^P * second plane); sx_lo / sx_hi: the sums of those inputs (fp32 scalars,
     when SUM_X; for the zero-point correction). x is fp16; ones is the runtime -1 (the fp16 magic built from
     it stays in a register: with the mask also an immediate, ptxas would re-materialize one per LOP3)."""
     V: tl.constexpr = 32 // P
@@ -152,8 +141,5 @@ def plane_part_h2(w, w2, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr, P: tl.cons
         else:
             acc = _step(acc, w8, w28, (M << (S - 8)) | (M << (S + 8)), (M2 << (S - 8 + P)) | (M2 << (S + 8 + P)),
                         1.0 / (1 << (S - 4)), -(1024.0 + Z * (1 << (S - 8))) / (1 << (S - 4)), xp, magic, P2 > 0, ASM)
-    # word rows t and t + P added as f16x2 first: half the conversions to fp32 (each half then holds
-    # 2 * 16/P products of at most 2|x|)
-    pair = tl.split(tl.permute(tl.reshape(acc, (2, P, BN)), (1, 2, 0)))
-    lo, hi = _halves(_hadd2(pair[0], pair[1], ASM), ASM)
+    lo, hi = _halves(acc, ASM)
     return lo, hi, sx_lo, sx_hi

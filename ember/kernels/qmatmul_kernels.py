@@ -178,7 +178,7 @@ def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, sro
     loop measured 184 registers instead of 72 offline, for sm_90)."""
     Z0: tl.constexpr = 1 << (P1 + P2 - 1)
     g = 1.0 / g.to(tl.float32)  # _tile_load takes 1/g (_group)
-    a1 = tl.zeros((P1 if H2 else 2 * P1, BN), tl.float32)  # H2 parts come two word rows to one
+    a1 = tl.zeros((2 * P1, BN), tl.float32)
     a2 = tl.zeros((2 * P2 if P2 > 0 else 1, BN), tl.float32)
     zc = tl.zeros((BN,), tl.float32)
     first = 0
