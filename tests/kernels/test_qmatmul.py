@@ -193,3 +193,13 @@ def test_packed_half_decode_matches_fp32_path(asym, monkeypatch):
         err_h2 = ((outs["1"] - ref).norm() / ref.norm()).item()
         err_fp32 = ((outs["0"] - ref).norm() / ref.norm()).item()
         assert err_h2 < 2e-3 and err_fp32 < 5e-4, (scale, err_h2, err_fp32)
+
+
+@pytest.mark.parametrize("spec", [[(384, 4, 192)], [(448, 3, 448), (64, 8, 64)], [(1024, 4, 1024)]],
+                         ids=["g192", "g_whole_segment", "g1024"])
+def test_group_sizes_not_powers_of_two(spec):
+    """The one-row path finds a tile's scale row as (k + 16) * (1/g) truncated (qmatmul_kernels._group):
+    groups that are multiples of 64 but not powers of two, and one group per segment (GPTQ group_size -1)."""
+    qt = make_qt(spec, 24, asym=True)
+    check(qt, 1, torch.float16, tiles=1)
+    check(qt, 1, torch.bfloat16, tiles=2)
