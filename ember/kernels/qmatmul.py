@@ -3,7 +3,8 @@
 `make_plan(qt)` runs once at load time (before CUDA graph capture): it cuts every segment into K splits
 and writes their metadata into small int32 tensors, one per launch mode, so a launch has a fixed grid and
 never reads anything back on the host. Modes by the number of rows M of x:
-- M == 1: FMA kernel (decode + multiply-add in fp32), split-K partial sums combined by atomic adds;
+- M == 1: FMA kernel, split-K partial sums combined by atomic adds; the weights are decoded two per
+  instruction in fp16 pairs for fp16 activations (qmatmul_h2.py), else decoded and multiplied in fp32;
 - 2 <= M <= SMALL_ROWS: the same kernel with tl.dot on 16/32-row tiles;
 - larger M: the dot kernel with 64-row tiles up to DOT_MAX_ROWS, then dequantize to a scratch (K, N) in
   the activation dtype + torch.matmul (cuBLAS) (`large_mode`, measured: docs/dev/qmatmul-notes.md).
@@ -162,7 +163,8 @@ def _pdl_kwargs(plan: QMatmulPlan, device: torch.device) -> dict:
 
 def _h2_mode(x2: torch.Tensor) -> int:
     """Packed-half decode of the one-row path (qmatmul_h2.py) for fp16 activations: 2 = PTX on the GPU,
-    1 = the same arithmetic in plain Triton (interpreter), 0 = off (bf16, or EMBER_H2=0)."""
+    1 = the same arithmetic in plain Triton (interpreter), 0 = off (bf16, or EMBER_H2=0). Not with the fused
+    SiLU input; the kernel keeps 8-bit segments on the fp32 decode."""
     if x2.dtype != torch.float16 or os.environ.get("EMBER_H2", "1") == "0":
         return 0
     return 1 if _interpreting() else 2
@@ -185,7 +187,8 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int,
         out2.stride(0), -1, qt.in_features,
         BM=block_m, BN=launch.block_n, WIDTHS=plan.widths, USE_DOT=use_dot, HAS_ZEROS=qt.qzeros is not None,
         HAS_PERM=qt.perm is not None, HAS_G32=plan.has_g32, ATOMIC=atomic, DOT_DT=dot_dt,
-        SILU=silu, H2=_h2_mode(x2) if not use_dot else 0, num_warps=launch.num_warps, num_stages=launch.num_stages, **_pdl_kwargs(plan, x2.device))
+        SILU=silu, H2=0 if use_dot or silu else _h2_mode(x2), num_warps=launch.num_warps,
+        num_stages=launch.num_stages, **_pdl_kwargs(plan, x2.device))
 
 
 def rotate(x2: torch.Tensor, h: int) -> torch.Tensor:

@@ -138,10 +138,10 @@ def _tile_fma(a1, a2, zc, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, kb, o
 
 
 @triton.jit
-def _tile_load(q_ptr, s_ptr, z_ptr, t, g, q1row, q2row, srow, kk0, offs_n, n_mask, N, P1: tl.constexpr,
+def _tile_load(q_ptr, s_ptr, z_ptr, t, inv_g, q1row, q2row, srow, kk0, offs_n, n_mask, N, P1: tl.constexpr,
                P2: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G32: tl.constexpr, H2: tl.constexpr):
     """Plane words and group scales / zeros of tile t of a split (H2: the second plane lined up with the
-    first, qmatmul_h2.plane2_rows)."""
+    first, qmatmul_h2.plane2_rows). inv_g: 1 / group size (_group)."""
     w1 = _plane_words(q_ptr, q1row + t * (2 * P1), offs_n, n_mask, N, P1)
     if H2 and P2 > 0:
         w2 = plane2_rows(q_ptr, q2row + t * (2 * P2), offs_n, n_mask, N, P1, P2)
@@ -149,9 +149,9 @@ def _tile_load(q_ptr, s_ptr, z_ptr, t, g, q1row, q2row, srow, kk0, offs_n, n_mas
         w2 = _plane_words(q_ptr, q2row + t * (2 * P2), offs_n, n_mask, N, P2)
     else:
         w2 = w1
-    s_lo, z_lo = _scale_zero(s_ptr, z_ptr, srow + _group(kk0 + t * 64, g), offs_n, n_mask, N, HAS_ZEROS)
+    s_lo, z_lo = _scale_zero(s_ptr, z_ptr, srow + _group(kk0 + t * 64, inv_g), offs_n, n_mask, N, HAS_ZEROS)
     if HAS_G32:
-        s_hi, z_hi = _scale_zero(s_ptr, z_ptr, srow + _group(kk0 + t * 64 + 32, g), offs_n, n_mask, N, HAS_ZEROS)
+        s_hi, z_hi = _scale_zero(s_ptr, z_ptr, srow + _group(kk0 + t * 64 + 32, inv_g), offs_n, n_mask, N, HAS_ZEROS)
     else:
         s_hi, z_hi = s_lo, z_lo
     return w1, w2, s_lo, z_lo, s_hi, z_hi
@@ -177,20 +177,20 @@ def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, sro
     matrices give a program one or two tiles). The loop keeps the old register budget (a software-pipelined
     loop measured 184 registers instead of 72 offline, for sm_90)."""
     Z0: tl.constexpr = 1 << (P1 + P2 - 1)
-    g = 1.0 / g.to(tl.float32)  # _tile_load takes 1/g (_group)
+    inv_g = 1.0 / g.to(tl.float32)  # scale rows by multiplication (_group)
     a1 = tl.zeros((2 * P1, BN), tl.float32)
     a2 = tl.zeros((2 * P2 if P2 > 0 else 1, BN), tl.float32)
     zc = tl.zeros((BN,), tl.float32)
     first = 0
     if PDL == 2:
-        w1, w2, s_lo, z_lo, s_hi, z_hi = _tile_load(q_ptr, s_ptr, z_ptr, 0, g, q1row, q2row, srow, kk0, offs_n,
+        w1, w2, s_lo, z_lo, s_hi, z_hi = _tile_load(q_ptr, s_ptr, z_ptr, 0, inv_g, q1row, q2row, srow, kk0, offs_n,
                                                     n_mask, N, P1, P2, HAS_ZEROS, HAS_G32, H2)
         pdl.wait(PDL)
         a1, a2, zc = _tile_fma(a1, a2, zc, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, tl.multiple_of(k0, 64),
                                ones, silu_off, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM, HAS_G32, SILU, H2)
         first = 1
     for t in range(first, nt):
-        w1, w2, s_lo, z_lo, s_hi, z_hi = _tile_load(q_ptr, s_ptr, z_ptr, t, g, q1row, q2row, srow, kk0, offs_n,
+        w1, w2, s_lo, z_lo, s_hi, z_hi = _tile_load(q_ptr, s_ptr, z_ptr, t, inv_g, q1row, q2row, srow, kk0, offs_n,
                                                     n_mask, N, P1, P2, HAS_ZEROS, HAS_G32, H2)
         a1, a2, zc = _tile_fma(a1, a2, zc, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr,
                                tl.multiple_of(k0 + t * 64, 64), ones, silu_off, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM,
@@ -276,7 +276,7 @@ def _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta
     else:  # BM == 1
         acc = _loop_fma(x_ptr + tl.program_id(2) * stride_xm, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row,
                         q2row, srow, kk0, offs_n, n_mask, N, ones, silu_off, BN, P1, P2, HAS_ZEROS, HAS_PERM,
-                        HAS_G32, PDL, SILU, H2 if (P1 == 2 or P1 == 4) and not SILU else 0)
+                        HAS_G32, PDL, SILU, H2 if P1 != 8 else 0)  # 8 bits: the fp32 decode
     return acc
 
 
