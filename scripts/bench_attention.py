@@ -153,7 +153,7 @@ def main() -> None:
         # context window (4096 -> 32 splits), so most splits get one block of keys
         "decode_short": lambda: [bench_decode(1, c, bw, num_splits=s, block_n=bn)
                                  for c in (576, 2112)
-                                 for s, bn in ((32, 32), (16, 32), (8, 32), (8, 64), (4, 64))],
+                                 for s, bn in ((32, 32), (16, 32), (8, 32), (8, 64), (4, 64), (4, 128), (2, 128))],
         "prefill": lambda: [bench_prefill(n) for n in (512, 2048)],
         "rope_store_kv": lambda: [bench_rope_store(t) for t in (1, 32, 2048)],
     }

@@ -1,5 +1,5 @@
-"""Paged attention entry point (picks the decode or the prefill kernel), the KV-cache write, and the
-torch SDPA prefill path the benchmark compares against."""
+"""Paged attention entry point (picks the decode or the prefill kernel), the fused rope + KV write + decode
+entry point, the KV-cache write, and the torch SDPA prefill path the benchmark compares against."""
 from __future__ import annotations
 
 import itertools
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ember.kernels import attention_decode
 from ember.kernels.attention_decode import decode_attention
 from ember.kernels.attention_prefill import prefill_attention
 
@@ -100,6 +101,19 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     query_start_loc = _device_int32(query_start_loc, q.device)
     run = decode_attention if max_query_len <= 1 else prefill_attention
     return run(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window)
+
+
+def decode_attention_rope(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, block_tables, seq_lens,
+                          query_start_loc, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """Decode only (at most one new token per sequence): rope + the new token's KV-cache write + paged
+    attention in one launch (attention_decode.decode_attention_rope). q (T, Hq, D), k, v (T, Hk, D) are the
+    unrotated projections and are not written; seq_lens / query_start_loc: int32 device tensors (host lists
+    are copied over). Returns (T, Hq, D)."""
+    _check_layout(q, k_cache, v_cache, block_tables)
+    seq_lens = _device_int32(seq_lens, q.device)
+    query_start_loc = _device_int32(query_start_loc, q.device)
+    return attention_decode.decode_attention_rope(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping,
+                                                  block_tables, seq_lens, query_start_loc, scale, sliding_window)
 
 
 def prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_start_loc: Sequence[int],

@@ -1,10 +1,15 @@
-"""Decode attention (one new token per sequence) over the paged KV cache, split-K "flash decoding".
+"""Decode attention (one new token per sequence) over the paged KV cache: split-K "flash decoding" in ONE
+launch per layer.
 
 Grid (B, Hk, NUM_SPLITS): a program takes one kv head with all G = Hq / Hk query heads that share it (so
-K/V are read once) and one slice of the sequence's keys; a small reduce kernel merges the slices with their
-log-sum-exp. NOTE: nothing here reads device values on the host and the grid depends only on (B, Hk) and
-the block table's capacity, so a decode step can be captured in a CUDA graph and replayed with new
-seq_lens / block tables."""
+K/V are read once) and one slice of the sequence's keys. With NUM_SPLITS > 1 each program writes its
+partial (o, log2-sum-exp), then bumps a per-(b, kv head) counter; the program that comes last merges all
+slices and writes the output (no separate reduce kernel). With ROPE the kernel also rotates q and the new
+key itself, folds the new token in from registers and writes its rotated k and v into the cache slot.
+NOTE: nothing here reads device values on the host and the grid depends only on (B, Hk) and the block
+table's capacity, so a decode step can be captured in a CUDA graph and replayed with new seq_lens / block
+tables. The counters are zero between launches; two launches that run concurrently on different streams
+must not share a (B, Hk) counter range (the engine runs one stream)."""
 from __future__ import annotations
 
 import functools
@@ -17,15 +22,66 @@ import triton.language as tl
 from ember.kernels import pdl
 from ember.kernels.attention_common import LOG2E, NO_WINDOW, dot_flags, paged_kv_step
 
-MIN_SPLIT_TOKENS = 128  # fewer keys per split than this costs more in the reduce than it wins
+MIN_SPLIT_TOKENS = 128  # fewer keys per split than this costs more in the merge than it wins
 MAX_SPLITS = 64
+MERGE_ELEMS = 4096  # partial-output elements the last program holds at once while merging (registers)
 
 
 @triton.jit
-def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr, part_o_ptr, part_lse_ptr,
-                   qk_scale, window, s_q_t, s_q_h, s_c_p, s_c_h, s_c_s, s_bt, s_o_t, s_o_h,
-                   G: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_F32: tl.constexpr,
+def _load_rotated(row_ptr, mask, cos, sin, d, HALF: tl.constexpr):
+    # rows (M, 1) of D elements -> fp32 (M, D) rotated "rotate half": [x1 | x2] -> [x1 c - x2 s | x2 c + x1 s]
+    partner = tl.where(d < HALF, d + HALF, d - HALF)
+    x = tl.load(row_ptr + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(row_ptr + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.where(d[None, :] < HALF, x * cos - xp * sin, x * cos + xp * sin)
+
+
+@triton.jit
+def _new_token_step(q, acc, m_i, l_i, kn, vn, qk_scale, DOT_F32: tl.constexpr):
+    # One online-softmax step with the single new key kn / value vn (1, D), held in registers.
+    s = tl.sum(q.to(tl.float32) * kn.to(tl.float32), 1) * qk_scale  # (M,); always visible
+    m_new = tl.maximum(m_i, s)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new)
+    if DOT_F32:
+        vn = vn.to(tl.float32)
+    acc = acc * alpha[:, None] + p.to(vn.dtype)[:, None].to(tl.float32) * vn.to(tl.float32)
+    return acc, m_new, l_i * alpha + p
+
+
+@triton.jit
+def _merge(part_o_ptr, part_lse_ptr, row0, G: tl.constexpr, MERGE_G: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+           HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    # The NUM_SPLITS partials of G query heads (rows row0 + g) merged by their log2-sum-exp: (MERGE_G, D).
+    # NOTE: other programs wrote these partials: read through L2 (.cg), after the acq_rel counter.
+    g = tl.arange(0, MERGE_G)
+    sp = tl.arange(0, NUM_SPLITS)
+    rows = (row0 + g).to(tl.int64) * NUM_SPLITS  # (MG,)
+    lse = tl.load(part_lse_ptr + rows[:, None] + sp[None, :], mask=(g < G)[:, None], other=float("-inf"),
+                  cache_modifier=".cg")  # (MG, S)
+    m = tl.max(lse, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(tl.exp2(lse - m[:, None]), 1)  # empty splits weigh 0
+    c = tl.arange(0, SPLIT_CHUNK)
+    d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([MERGE_G, HEAD_DIM], tl.float32)
+    for s0 in range(0, NUM_SPLITS, SPLIT_CHUNK):
+        r = rows[:, None] + s0 + c[None, :]  # (MG, C)
+        w = tl.exp2(tl.load(part_lse_ptr + r, mask=(g < G)[:, None], other=float("-inf"),
+                            cache_modifier=".cg") - m[:, None])
+        o = tl.load(part_o_ptr + r[:, :, None] * HEAD_DIM + d[None, None, :], mask=(g < G)[:, None, None],
+                    other=0.0, cache_modifier=".cg")  # (MG, C, D)
+        acc += tl.sum(o * w[:, :, None], 1)
+    return acc / tl.where(total > 0, total, 1.0)[:, None]
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr,
+                   qsl_ptr, out_ptr, part_o_ptr, part_lse_ptr, cnt_ptr, qk_scale, window,
+                   s_q_t, s_q_h, s_k_t, s_k_h, s_v_t, s_v_h, s_cs, s_c_p, s_c_h, s_c_s, s_bt, s_o_t, s_o_h,
+                   G: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_G: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr, DOT_F32: tl.constexpr,
                    DOT_PREC: tl.constexpr, PDL: tl.constexpr):
     pdl.launch_dependents(PDL)
     pdl.wait(PDL)
@@ -45,8 +101,19 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, HEAD_DIM)
     heads = kvh * G + g
-    q = tl.load(q_ptr + qs.to(tl.int64) * s_q_t + heads[:, None] * s_q_h + d[None, :],
-                mask=(g < G)[:, None], other=0.0)  # (BLOCK_G, D)
+    q_mask = (g < tl.where(n_q > 0, G, 0))[:, None]
+    q_rows = q_ptr + qs.to(tl.int64) * s_q_t + heads[:, None] * s_q_h  # (BLOCK_G, 1)
+    if ROPE:
+        HALF: tl.constexpr = HEAD_DIM // 2
+        pos = tl.load(pos_ptr + qs, mask=n_q > 0, other=0).to(tl.int64)
+        cos = tl.load(cs_ptr + pos * s_cs + d % HALF)[None, :]  # (1, D) float32
+        sin = tl.load(cs_ptr + pos * s_cs + HALF + d % HALF)[None, :]
+        # rounded to the activation dtype after rotation, as the rope kernel does
+        q = _load_rotated(q_rows, q_mask, cos, sin, d, HALF).to(q_ptr.dtype.element_ty)
+        cache_end = tl.minimum(end, hi - 1)  # the new key (position hi - 1) comes from registers, not the cache
+    else:
+        q = tl.load(q_rows + d[None, :], mask=q_mask, other=0.0)  # (BLOCK_G, D)
+        cache_end = end
     if DOT_F32:
         q = q.to(tl.float32)
     qpos = tl.zeros([BLOCK_G], tl.int32) + (hi - 1)
@@ -55,43 +122,45 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, qsl_ptr, out_ptr
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * s_bt
     head_off = kvh.to(tl.int64) * s_c_h
-    for kstart in range(start, end, BLOCK_N):
-        acc, m_i, l_i = paged_kv_step(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, head_off, kstart, end, qpos,
-                                      window, qk_scale, s_c_p, s_c_s, PAGE, BLOCK_N, HEAD_DIM, DOT_F32,
+    if ROPE:  # noqa: SIM102 (compile-time flag, then a run-time condition: Triton keeps them apart)
+        # Exactly one split holds position hi - 1: it folds the new token in (before the cache loop, so that
+        # cos/sin are dead during it: 16 fewer registers) and writes it to the cache.
+        if (start < hi) & (start + span >= hi):
+            k_row = k_ptr + qs.to(tl.int64) * s_k_t + kvh * s_k_h + tl.zeros([1, 1], tl.int32)  # (1, 1)
+            kn = _load_rotated(k_row, d[None, :] < HEAD_DIM, cos, sin, d, HALF)
+            kn = kn.to(k_ptr.dtype.element_ty).to(kc_ptr.dtype.element_ty)  # (1, D)
+            vn = tl.load(v_ptr + qs.to(tl.int64) * s_v_t + kvh * s_v_h + d[None, :])
+            vn = vn.to(vc_ptr.dtype.element_ty)  # (1, D)
+            acc, m_i, l_i = _new_token_step(q, acc, m_i, l_i, kn, vn, qk_scale, DOT_F32)
+            slot = tl.load(slot_ptr + qs).to(tl.int64)
+            # NOTE: a negative slot marks a padding token (CUDA-graph batches): nothing is written for it.
+            dst = (slot // PAGE) * s_c_p + head_off + (slot % PAGE) * s_c_s + d[None, :]
+            w_mask = d[None, :] < tl.where(slot >= 0, HEAD_DIM, 0)
+            tl.store(kc_ptr + dst, kn, mask=w_mask)
+            tl.store(vc_ptr + dst, vn, mask=w_mask)
+    for kstart in range(start, cache_end, BLOCK_N):
+        acc, m_i, l_i = paged_kv_step(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, head_off, kstart, cache_end,
+                                      qpos, window, qk_scale, s_c_p, s_c_s, PAGE, BLOCK_N, HEAD_DIM, DOT_F32,
                                       DOT_PREC)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    dst = out_ptr + qs.to(tl.int64) * s_o_t + kvh * G * s_o_h
     if NUM_SPLITS == 1:
-        dst = out_ptr + qs.to(tl.int64) * s_o_t + heads[:, None] * s_o_h + d[None, :]
-        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=(g < tl.where(n_q > 0, G, 0))[:, None])
+        tl.store(dst + g[:, None] * s_o_h + d[None, :], o.to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
         # Partials: (B, Hq, NUM_SPLITS, D) float32 outputs and (B, Hq, NUM_SPLITS) log2-sum-exp.
-        row = (b * (tl.num_programs(1) * G) + heads).to(tl.int64) * NUM_SPLITS + split
+        row0 = b * (tl.num_programs(1) * G) + kvh * G
+        row = (row0 + g).to(tl.int64) * NUM_SPLITS + split
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=g < G)
         tl.store(part_o_ptr + row[:, None] * HEAD_DIM + d[None, :], o, mask=(g < G)[:, None])
-
-
-@triton.jit
-def _decode_reduce_kernel(part_o_ptr, part_lse_ptr, qsl_ptr, out_ptr, s_o_t, s_o_h,
-                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, PDL: tl.constexpr):
-    pdl.launch_dependents(PDL)
-    pdl.wait(PDL)
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    qs = tl.load(qsl_ptr + b)
-    n_q = tl.load(qsl_ptr + b + 1) - qs
-    sp = tl.arange(0, NUM_SPLITS)
-    d = tl.arange(0, HEAD_DIM)
-    row = (b * tl.num_programs(1) + h).to(tl.int64) * NUM_SPLITS + sp  # (S,)
-    lse = tl.load(part_lse_ptr + row)
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)  # empty splits weigh 0
-    o = tl.load(part_o_ptr + row[:, None] * HEAD_DIM + d[None, :])  # (S, D)
-    total = tl.sum(w, 0)
-    o = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + qs.to(tl.int64) * s_o_t + h * s_o_h + d, o.to(out_ptr.dtype.element_ty),
-             mask=d < tl.where(n_q > 0, HEAD_DIM, 0))
+        tl.debug_barrier()  # every thread's partials are issued before the counter is released
+        cnt = cnt_ptr + b * tl.num_programs(1) + kvh
+        if tl.atomic_add(cnt, 1, sem="acq_rel") == NUM_SPLITS - 1:  # the last split of (b, kv head)
+            merged = _merge(part_o_ptr, part_lse_ptr, row0, G, MERGE_G, SPLIT_CHUNK, HEAD_DIM, NUM_SPLITS)
+            mg = tl.arange(0, MERGE_G)
+            tl.store(dst + mg[:, None] * s_o_h + d[None, :], merged.to(out_ptr.dtype.element_ty),
+                     mask=(mg < tl.where(n_q > 0, G, 0))[:, None])
+            tl.atomic_xchg(cnt, 0, sem="relaxed")  # zero again for the next launch
 
 
 @functools.cache
@@ -109,12 +178,24 @@ def choose_num_splits(batch: int, kv_heads: int, capacity: int, device: torch.de
     return min(triton.next_power_of_2(max(min(want, most), 1)), MAX_SPLITS)
 
 
-def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale: float,
-                     sliding_window: int | None = None, num_splits: int | None = None,
-                     block_n: int | None = None, num_warps: int = 4,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """q: (T, Hq, D) with at most one new token per sequence; caches (P, Hk, page, D); block_tables (B, max
-    pages) int32; seq_lens (B,) and query_start_loc (B + 1,) int32 device tensors. Returns (T, Hq, D)."""
+# Split counters per device, one int32 per (sequence, kv head), zero between launches (the last split
+# program re-zeroes its own). Allocated on the first call (the engine runs eager steps before capturing a
+# graph) and grown only when too small; a grown buffer replaces the old one for new calls while the old one
+# stays alive for graphs that captured it.
+_COUNTERS: dict[str, list[torch.Tensor]] = {}
+MIN_COUNTERS = 4096
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    bufs = _COUNTERS.setdefault(str(device), [])
+    if not bufs or bufs[-1].numel() < n:
+        size = max(n, MIN_COUNTERS, 2 * bufs[-1].numel() if bufs else 0)
+        bufs.append(torch.zeros(size, dtype=torch.int32, device=device))
+    return bufs[-1]
+
+
+def _launch(q, new_kv, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window,
+            num_splits, block_n, num_warps, out):
     t, hq, dim = q.shape
     batch, hk, page = block_tables.shape[0], k_cache.shape[1], k_cache.shape[2]
     if num_splits is None:
@@ -126,20 +207,52 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_lo
     if num_splits > 1:
         part_o = torch.empty((batch, hq, num_splits, dim), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((batch, hq, num_splits), dtype=torch.float32, device=q.device)
+        counters = _counters(q.device, batch * hk)
     else:
-        part_o = part_lse = out  # unused
+        part_o = part_lse = counters = out  # unused
+    if new_kv is None:
+        k = v = positions = cos_sin = slots = q  # unused stand-ins
+        kv_strides, s_cs = (0, 0, 0, 0), 0
+    else:
+        k, v, positions, cos_sin, slots = new_kv
+        kv_strides, s_cs = (k.stride(0), k.stride(1), v.stride(0), v.stride(1)), cos_sin.stride(0)
+    merge_g = triton.next_power_of_2(g)
     dot_f32, dot_prec = dot_flags(q.dtype)
     _decode_kernel[(batch, hk, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out, part_o, part_lse,
-        scale * LOG2E, sliding_window or NO_WINDOW, q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        q, k, v, positions, cos_sin, slots, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
+        part_o, part_lse, counters, scale * LOG2E, sliding_window or NO_WINDOW, q.stride(0), q.stride(1),
+        *kv_strides, s_cs, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
-        G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), HEAD_DIM=dim, PAGE=page, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, DOT_F32=dot_f32, DOT_PREC=dot_prec, num_warps=num_warps,
-        **pdl.launch_kwargs(q.device))
-    if num_splits > 1:
-        _decode_reduce_kernel[(batch, hq)](part_o, part_lse, query_start_loc, out, out.stride(0),
-                                           out.stride(1), HEAD_DIM=dim, NUM_SPLITS=num_splits, num_warps=4,
-                                           **pdl.launch_kwargs(q.device))
+        G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), MERGE_G=merge_g,
+        SPLIT_CHUNK=max(1, min(num_splits, MERGE_ELEMS // (merge_g * dim))), HEAD_DIM=dim, PAGE=page,
+        BLOCK_N=block_n, NUM_SPLITS=num_splits, ROPE=new_kv is not None, DOT_F32=dot_f32, DOT_PREC=dot_prec,
+        num_warps=num_warps, **pdl.launch_kwargs(q.device))
     return out
 
+
+def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale: float,
+                     sliding_window: int | None = None, num_splits: int | None = None,
+                     block_n: int | None = None, num_warps: int = 4,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """q: (T, Hq, D), already rotated, with at most one new token per sequence, whose k/v are already in the
+    cache; caches (P, Hk, page, D); block_tables (B, max pages) int32; seq_lens (B,) and query_start_loc
+    (B + 1,) int32 device tensors. Returns (T, Hq, D)."""
+    return _launch(q, None, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window,
+                   num_splits, block_n, num_warps, out)
+
+
+def decode_attention_rope(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, block_tables, seq_lens,
+                          query_start_loc, scale: float, sliding_window: int | None = None,
+                          num_splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
+    """rope + KV-cache write of the new token + decode attention in one launch. q (T, Hq, D), k, v (T, Hk, D):
+    the unrotated projections (strided views allowed, last stride 1; never written); positions (T,);
+    cos_sin (max_pos, D) float32 [cos | sin]; slot_mapping (T,), a negative slot writes nothing. The new
+    token of sequence b is its key at position seq_lens[b] - 1 (read from k/v, not from the cache). Other
+    arguments and the result as decode_attention."""
+    t, hk, dim = k.shape
+    assert v.shape == k.shape and k.stride(-1) == 1 and v.stride(-1) == 1, "decode_attention_rope: k/v layout"
+    assert cos_sin.dtype == torch.float32 and cos_sin.stride(-1) == 1 and cos_sin.shape[-1] == dim
+    assert positions.shape == (t,) and slot_mapping.shape == (t,) and k_cache.shape[1] == hk
+    return _launch(q, (k, v, positions, cos_sin, slot_mapping), k_cache, v_cache, block_tables, seq_lens,
+                   query_start_loc, scale, sliding_window, num_splits, block_n, num_warps, out)

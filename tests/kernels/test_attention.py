@@ -70,13 +70,128 @@ def test_decode(device, dtype, hq, hk, page):
     assert_close(got, want, ATOL[dtype], f"decode window={window}")
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 8])
+@pytest.mark.parametrize("num_splits", [1, 2, 4, 8])
 def test_decode_splits(device, num_splits):
-    """Every split count gives the reference result, including splits left empty by short sequences."""
-    from ember.kernels.attention_decode import decode_attention
-    bt = make_batch([1] * 3, [0, 40, 150], 6, 2, 64, 16, torch.float16, device, seed=num_splits)
-    got, want = run_both(decode_attention, bt, None, num_splits=num_splits)
-    assert_close(got, want, ATOL[torch.float16], f"decode num_splits={num_splits}")
+    """Every split count gives the reference result, including splits left empty by short sequences (the
+    last split program of each (sequence, kv head) merges them). A second launch on the same buffers is
+    right too, and the split counters are back to zero: each launch resets what it used."""
+    from ember.kernels import attention_decode
+    bt = make_batch([1] * 4, [0, 40, 150, 77], 6, 2, 64, 16, torch.float16, device, seed=num_splits)
+    for call in range(2):
+        got, want = run_both(attention_decode.decode_attention, bt, None, num_splits=num_splits)
+        assert_close(got, want, ATOL[torch.float16], f"decode num_splits={num_splits} call {call}")
+        bt["q"] = bt["q"].flip(0)
+    for counters in attention_decode._COUNTERS.get(str(device), []):
+        assert not counters.any(), "split counters must be zero after a launch"
+
+
+ROPE_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}  # rotated k: 1-2 ulp
+# (cached, news, hq, hk, window, num_splits, padding token): lengths cached + news; None splits = ops, auto
+ROPE_CASES = {
+    "only-new-token-g1": ([0], [1], 2, 2, None, None, None),
+    "g4-one-split": ([0, 70, 5], [1, 1, 1], 8, 2, None, 1, None),
+    # 4 splits of 32 keys: the 71-long sequence's new token in split 2, the 6-long one's in split 0
+    "g4-splits": ([0, 70, 5], [1, 1, 1], 8, 2, None, 4, None),
+    "g1-splits": ([50, 9], [1, 1], 2, 2, None, 4, None),
+    # window 40: keys [27, 67) in 2 splits; sequence 1 has no new token; token 1 (sequence 2) is padding
+    "g3-window-gap-pad": ([40, 9, 2, 66], [1, 0, 1, 1], 6, 2, 40, 4, 1),
+}
+
+
+def rope_decode_batch(cached, news, hq, hk, d, dtype, device, seed, page=16):
+    """make_batch's caches with the new tokens' slots poisoned (the op must not read them), the unrotated
+    q, k, v as strided views of one fused QKV output, the new tokens' positions and slots, device lengths."""
+    bt = make_batch(news, cached, hq, hk, d, page, dtype, device, seed=seed)
+    tables = bt["block_tables"].cpu()
+    pos = [bt["lens"][b] - 1 for b, n in enumerate(news) if n]
+    slots = torch.tensor([int(tables[b, p // page]) * page + p % page
+                          for b, p in zip([b for b, n in enumerate(news) if n], pos)])
+    for cache in (bt["k_cache"], bt["v_cache"]):
+        cache[slots // page, :, slots % page] = float("nan")
+    qkv = torch.randn(len(pos), (hq + 2 * hk) * d, generator=torch.Generator().manual_seed(seed + 1))
+    bt["qkv"] = qkv.to(device, dtype)
+    q, k, v = bt["qkv"].split([hq * d, hk * d, hk * d], dim=-1)
+    bt.update(q=q.view(-1, hq, d), k=k.view(-1, hk, d), v=v.view(-1, hk, d), slots=slots.to(device),
+              pos=torch.tensor(pos).to(device), cos_sin=ref.rope_cos_sin(d, 4096, 10000.0).to(device),
+              lens_t=torch.tensor(bt["lens"], dtype=torch.int32, device=device),
+              qsl_t=torch.tensor(bt["qsl"], dtype=torch.int32, device=device))
+    return bt
+
+
+def rope_reference(bt, scale, window):
+    """(output, k_cache, v_cache): reference.rope_store_kv then reference.paged_attention on cache copies."""
+    kc, vc = bt["k_cache"].clone(), bt["v_cache"].clone()
+    q_rot, _ = ref.rope_store_kv(bt["q"], bt["k"], bt["v"], bt["pos"], bt["cos_sin"], kc, vc, bt["slots"])
+    return ref.paged_attention(q_rot, kc, vc, bt["block_tables"], bt["lens"], bt["qsl"], scale, window), kc, vc
+
+
+def check_rope(got, bt, want, dtype, what, skip_row=None):
+    """Output (a padding row excepted) and caches against rope_reference's; the k cache exactly equal
+    outside the new slots."""
+    out, kc_ref, vc_ref = want
+    kc, vc = bt["k_cache"], bt["v_cache"]
+    rows = [t for t in range(out.shape[0]) if t != skip_row]
+    assert_close(got[rows], out[rows], ATOL[dtype], what)
+    assert_close(vc, vc_ref, 0.0, f"{what}: v_cache")
+    assert_close(kc, kc_ref, ROPE_TOL[dtype], f"{what}: k_cache")
+    old = torch.ones(kc.shape[0] * kc.shape[2], dtype=torch.bool)
+    old[bt["slots"][bt["slots"] >= 0].cpu()] = False
+    flat = lambda c: c.transpose(1, 2).reshape(-1, *c.shape[1::2]).cpu()[old]  # (slots, Hk, D) not written
+    assert_close(flat(kc), flat(kc_ref), 0.0, f"{what}: k_cache outside the new slots")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_decode_rope(device, dtype, case):
+    """The fused rope + KV write + decode op equals reference.rope_store_kv then reference.paged_attention:
+    the output (padding row excepted) and both caches after the call (the new k/v at their slots, nothing
+    else touched, nothing for the padding token); q, k, v are not modified."""
+    from ember.kernels.attention_decode import decode_attention_rope
+    cached, news, hq, hk, window, num_splits, pad = ROPE_CASES[case]
+    bt = rope_decode_batch(cached, news, hq, hk, 32, dtype, device, seed=len(case))
+    if pad is not None:
+        bt["slots"][pad] = -1
+    want, qkv_in = rope_reference(bt, 0.2, window), bt["qkv"].clone()
+    args = (bt["q"], bt["k"], bt["v"], bt["pos"], bt["cos_sin"], bt["k_cache"], bt["v_cache"], bt["slots"],
+            bt["block_tables"], bt["lens_t"], bt["qsl_t"], 0.2, window)
+    if num_splits is None:
+        got = ops.decode_attention_rope(*args)
+    else:
+        got = decode_attention_rope(*args, num_splits=num_splits, out=torch.full_like(bt["q"], float("nan")))
+    check_rope(got, bt, want, dtype, f"decode_attention_rope {case}", skip_row=pad)
+    assert torch.equal(bt["qkv"], qkv_in), "decode_attention_rope must not write q, k, v"
+
+
+def test_attention_layer_decode(device, monkeypatch):
+    """The attention layer sends a decode batch on the Triton path to the fused op, and gets the output and
+    caches of its reference path (rope_store_kv, then paged attention; EMBER_NO_TRITON=1)."""
+    from ember.config import ModelConfig
+    from ember.forward_batch import ForwardBatch
+    from ember.layers.attention import Attention
+    from ember.layers.rope import RotaryEmbedding
+    cfg = ModelConfig.from_hf({"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 1,
+                               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100,
+                               "rope_theta": 10000.0, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+                               "architectures": ["LlamaForCausalLM"]})
+    torch.manual_seed(0)
+    layer = Attention(cfg, RotaryEmbedding(cfg, 256))
+    for p in layer.parameters():
+        p.copy_(torch.randn_like(p) * 0.1)
+    kc = torch.randn(8, 2, 16, 32)
+    kv_ref, kv = (kc, kc.clone() + 1), (kc.clone(), kc.clone() + 1)
+    batch = ForwardBatch.build([([1], 5, [3]), ([2], 20, [0, 6]), ([3], 0, [5])], 16, "cpu")
+    x = torch.randn(3, 128)
+    calls = []
+    fused = ops.decode_attention_rope
+    monkeypatch.setattr(ops, "decode_attention_rope", lambda *a: calls.append(1) or fused(*a))
+    got = layer(x, batch, kv)
+    assert calls == [1], "a decode batch on the Triton path goes through ops.decode_attention_rope"
+    monkeypatch.setenv("EMBER_NO_TRITON", "1")
+    want = layer(x, batch, kv_ref)
+    assert calls == [1]
+    assert_close(got, want, ATOL[torch.float32], "attention layer decode")
+    assert_close(kv[0], kv_ref[0], ROPE_TOL[torch.float32], "k_cache")
+    assert_close(kv[1], kv_ref[1], 0.0, "v_cache")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -192,3 +307,25 @@ def test_decode_cuda_graph(device):
         graph.replay()
         want = ref.paged_attention(q, kc, vc, tables, new_lens, list(range(5)), 0.1)
         assert_close(out, want, ATOL[torch.bfloat16], f"graph replay lens={new_lens}")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_rope_cuda_graph(device, dtype):
+    """Llama-3 heads, default split counts (up to 64): the fused op eager, then captured in a CUDA graph and
+    replayed with new q/k/v (the split counters must be zero again after every launch)."""
+    bt = rope_decode_batch([0, 100, 1022, 3000], [1] * 4, 32, 8, 128, dtype, device, seed=5, page=64)
+    run = lambda: ops.decode_attention_rope(bt["q"], bt["k"], bt["v"], bt["pos"], bt["cos_sin"], bt["k_cache"],
+                                            bt["v_cache"], bt["slots"], bt["block_tables"], bt["lens_t"],
+                                            bt["qsl_t"], 0.1, None)
+    want = rope_reference(bt, 0.1, None)
+    check_rope(run(), bt, want, dtype, "eager")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for step in range(2):
+        bt["qkv"].normal_()
+        want = rope_reference(bt, 0.1, None)
+        graph.replay()
+        check_rope(out, bt, want, dtype, f"graph replay {step}")
