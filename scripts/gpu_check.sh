@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The one command run on the GPU machine (device tool): GPU tests + benchmarks, results under $OUT.
 #
-#   scripts/gpu_check.sh [smoke] [qtests] [h2] [attn] [bench8b] [core] [quick] [exl2] [gptq8b] [bench70b] [bpw]
-#                        [pdl] [profile] [sweep] [prefillgemm] [tests]     (default: tests bench8b exl2)
+#   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [attn] [bench8b] [core] [quick] [exl2] [gptq8b] [bench70b]
+#                        [bpw] [pdl] [profile] [sweep] [prefillgemm] [tests]     (default: tests bench8b exl2)
 # smoke: the engine / model GPU tests first; qtests: the one-row and mixed-width qmatmul GPU tests; h2: those
-# and an A/B of the packed-half decode (EMBER_H2=0/1); attn: batch-1 decode attention configs; tests: the
+# and an A/B of the packed-half decode (EMBER_H2=0/1); fuse: 8B decode with the fused decode layer off / on
+# (EMBER_FUSE=0/1: norms, residual adds, SiLU, rope and the attention merge folded into other kernels); attn: batch-1 decode attention configs; tests: the
 # whole -m gpu suite, last. bench8b: 8B-shape benchmarks (core: only 4.0 bpw at 512 and 2048 tokens and the
-# GPTQ folder; quick: batch-1 qmatmul table only); bpw: the 2.5 / 3.0 / 5.0 / 6.0 bpw decode runs and 4.0 with
+# GPTQ folder; quick: batch-1 qmatmul table only; noqm: none); bpw: the 2.5 / 3.0 / 5.0 / 6.0 bpw decode runs and 4.0 with
 # a 6-bit head. pdl: decode/prefill with each EMBER_PDL mode (kernels/pdl.py); profile: per-kernel GPU time
 # and prefill host overhead (scripts/profile_decode.py); sweep: batch-1 qmatmul launch configs; prefillgemm:
 # prefill-sized matmuls, dequant + cuBLAS against the fused Triton GEMM.
@@ -34,7 +35,8 @@ fi
 
 if has smoke; then  # the GPU tests of the newest paths first, so benchmarks never run on a broken build
   log "GPU smoke tests"
-  python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine tests/test_gpu_model.py 2>&1 | tee "$OUT/gpu_smoke.log" | tail -4
+  timeout ${SMOKE_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine tests/test_gpu_model.py \
+    tests/kernels/test_attention.py 2>&1 | tee "$OUT/gpu_smoke.log" | tail -6
 fi
 
 bench() {  # ember bench ... -> one JSON line appended to bench.jsonl
@@ -42,7 +44,7 @@ bench() {  # ember bench ... -> one JSON line appended to bench.jsonl
 }
 if has h2 || has qtests; then  # the quantized-matmul GPU tests of the one-row path and mixed widths
   log "qmatmul GPU tests (one-row and mixed)"
-  timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -k "m1 or mixed or graph or silu" \
+  timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -k "m1 or mixed or graph or epilogue" \
     tests/kernels/test_qmatmul.py 2>&1 | tee "$OUT/gpu_qmatmul.log" | tail -4
 fi
 if has h2; then  # packed-half decode (kernels/qmatmul_h2.py): A/B against the fp32 decode
@@ -55,9 +57,16 @@ if has h2; then  # packed-half decode (kernels/qmatmul_h2.py): A/B against the f
   log "qmatmul batch 1, EMBER_H2=0 / 1"
   for m in 0 1; do EMBER_H2=$m python3 scripts/bench_qmatmul.py --quick > "$OUT/qmatmul_h2_$m.txt" 2>&1; tail -14 "$OUT/qmatmul_h2_$m.txt"; done
 fi
+if has fuse; then  # the fused decode layer (models/llama.py, kernels/epilogue.py): A/B in one call
+  log "8B decode, EMBER_FUSE=0 (separate norm / SiLU / rope / merge kernels) / 1 (fused)"
+  for m in 0 1 0 1; do
+    EMBER_FUSE=$m python3 -m ember.cli bench --json -q --synthetic llama3-8b --bpw 4.0 --head-bits 8 \
+      --prompt-len 512 --gen-len 128 2>>"$OUT/bench_err.log" | tail -1 | sed "s/^/fuse=$m /" | tee -a "$OUT/fuse.txt"
+  done
+fi
 if has bench8b; then
   log "bandwidth"; python3 bench/baselines/bandwidth.py | tee "$OUT/bandwidth.txt"
-  log "qmatmul"; python3 scripts/bench_qmatmul.py $(has quick && echo --quick) 2>&1 | tail -60 > "$OUT/qmatmul.txt"
+  has noqm || { log "qmatmul"; python3 scripts/bench_qmatmul.py $(has quick && echo --quick) 2>&1 | tail -60 > "$OUT/qmatmul.txt"; }
   log "ember llama3-8b"
   bench --synthetic llama3-8b --bpw 4.0 --head-bits 8 --prompt-len 512 --gen-len 128
   bench --synthetic llama3-8b --bpw 4.0 --head-bits 8 --prompt-len 2048 --gen-len 128

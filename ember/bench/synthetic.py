@@ -68,7 +68,12 @@ def random_quantized(k: int, n: int, spec, device, gen: torch.Generator) -> Quan
 
 def build_synthetic(name: str, bpw: float, head_bits: int, device, dtype=torch.float16, max_positions: int = 4096,
                     group: int = 128, seed: int = 0) -> nn.Module:
-    cfg = synthetic_config(name)
+    return build_random(synthetic_config(name), bpw, head_bits, device, dtype, max_positions, group, seed)
+
+
+def build_random(cfg: ModelConfig, bpw: float, head_bits: int, device, dtype=torch.float16, max_positions: int = 4096,
+                 group: int = 128, seed: int = 0) -> nn.Module:
+    """A model of config cfg with random quantized linears (the head quantized unless head_bits >= 16)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
         model = model_class(cfg.architecture)(cfg, max_positions).to(dtype)

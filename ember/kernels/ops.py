@@ -8,6 +8,7 @@
   lazily, on first use, for that reason).
 
 Fused variant: rope_store_kv = rope + store_kv in one launch (saves a launch and a re-read of k per layer).
+decode_attention_rope = rope + store_kv + split-K decode attention in one launch (decode batches only).
 paged_attention takes keywords beyond the reference's (all optional): max_query_len (ForwardBatch's) picks the
 split-K decode kernel (1) or the prefill kernel; k, v (the new tokens' keys/values) with seq_lens_cpu /
 query_start_loc_cpu send prompts without a cached prefix to torch SDPA. Pass seq_lens / query_start_loc as
@@ -33,6 +34,12 @@ def use_triton(x: torch.Tensor) -> bool:
     if os.environ.get("EMBER_NO_TRITON") == "1" or not _have_triton():
         return False
     return x.is_cuda or os.environ.get("EMBER_TRITON_CPU") == "1"
+
+
+def fuse_enabled() -> bool:
+    """Decode batches fold the norms, residual adds, SiLU, rope and KV write into the matmul and attention
+    kernels (models/llama.py); EMBER_FUSE=0 turns that off (A/B benchmarks, debugging)."""
+    return os.environ.get("EMBER_FUSE", "1") != "0"
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -90,5 +97,19 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
         return attention.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                                          sliding_window, max_query_len=max_query_len, k=k, v=v,
                                          seq_lens_cpu=seq_lens_cpu, query_start_loc_cpu=query_start_loc_cpu)
+    return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                                     sliding_window)
+
+
+def decode_attention_rope(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, block_tables, seq_lens,
+                          query_start_loc, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """Decode batches only (at most one new token per sequence): rope(q, k), the new k/v written to their
+    slots (a negative slot writes nothing), then paged attention; one kernel launch on the Triton path.
+    q (T, Hq, D), k, v (T, Hk, D): the unrotated projections (not modified). Returns (T, Hq, D)."""
+    if use_triton(q):
+        from ember.kernels import attention
+        return attention.decode_attention_rope(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping,
+                                               block_tables, seq_lens, query_start_loc, scale, sliding_window)
+    q, _ = reference.rope_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)
     return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                                      sliding_window)

@@ -8,6 +8,9 @@ never reads anything back on the host. Modes by the number of rows M of x:
 - 2 <= M <= SMALL_ROWS: the same kernel with tl.dot on 16/32-row tiles;
 - larger M: the dot kernel with 64-row tiles up to DOT_MAX_ROWS, then dequantize to a scratch (K, N) in
   the activation dtype + torch.matmul (cuBLAS) (`large_mode`, measured: docs/dev/qmatmul-notes.md).
+An `Epilogue` folds the RMSNorm around the residual add and the SwiGLU activation into the store of the kernel
+paths (M <= DOT_MAX_ROWS), so a decode layer needs no norm or SiLU launches; other paths apply the same
+steps with torch ops afterwards (reference.matmul_epilogue).
 The Hadamard rotation is applied to x before the kernel: one small Triton launch for up to SMALL_ROWS rows,
 the torch matmul above that.
 Under TRITON_INTERPRET=1 the same kernels run on CPU tensors (tests), with fp32 tl.dot operands."""
@@ -21,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ember.kernels import pdl
+from ember.kernels.epilogue import Epilogue
 from ember.kernels.qmatmul_kernels import dequant_kernel, hadamard_kernel, qmatmul_kernel
 from ember.quant.format import PLANES, QuantizedTensor
 from ember.quant.hadamard import block_hadamard, hadamard_matrix
@@ -170,8 +174,15 @@ def _h2_mode(x2: torch.Tensor) -> int:
     return 1 if _interpreting() else 2
 
 
-def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int, silu: bool = False):
+def _glu_fits(launch: Launch, N: int) -> bool:
+    """GLU pairs gate column c with up column I + c in one program: I must be a multiple of BN/2 (and of 16)."""
+    half = launch.block_n // 2
+    return N % 2 == 0 and (N // 2) % half == 0 and half % 16 == 0
+
+
+def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int, epi: Epilogue | None = None):
     M, N = x2.shape[0], qt.out_features
+    glu = epi is not None and epi.glu
     grid = (triton.cdiv(N, launch.block_n), launch.splits, triton.cdiv(M, block_m))
     atomic = launch.splits > 1
     if M <= SMALL_ROWS or not atomic:  # (one split stores directly: the workspace is never touched)
@@ -181,13 +192,17 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int,
         cnt = torch.zeros(grid[0] * grid[2], dtype=torch.int32, device=x2.device)
     dummy = qt.qweight  # never read when the flag is off
     dot_dt = tl.float32 if _interpreting() else (tl.float16 if x2.dtype == torch.float16 else tl.bfloat16)
+    norm_in = epi is not None and epi.rms_in is not None
+    resid = epi is not None and epi.residual is not None
+    res = epi.residual if resid else out2
     qmatmul_kernel[grid](
         x2, qt.qweight, qt.scales, dummy if qt.qzeros is None else qt.qzeros,
         dummy if qt.perm is None else qt.perm, launch.meta, out2, buf, buf.view(torch.int32), cnt, M, N, x2.stride(0),
-        out2.stride(0), -1, qt.in_features,
+        out2.stride(0), -1, epi.rms_in if norm_in else buf, epi.eps if epi else 0.0,
+        res, res.stride(0), epi.gamma if resid else buf, epi.rms_out if resid else buf,
         BM=block_m, BN=launch.block_n, WIDTHS=plan.widths, USE_DOT=use_dot, HAS_ZEROS=qt.qzeros is not None,
         HAS_PERM=qt.perm is not None, HAS_G32=plan.has_g32, ATOMIC=atomic, DOT_DT=dot_dt,
-        SILU=silu, H2=0 if use_dot or silu else _h2_mode(x2), num_warps=launch.num_warps,
+        H2=0 if use_dot else _h2_mode(x2), NORM_IN=norm_in, RESID=resid, GLU=glu, num_warps=launch.num_warps,
         num_stages=launch.num_stages, **_pdl_kwargs(plan, x2.device))
 
 
@@ -216,36 +231,48 @@ def dequantize_permuted(qt: QuantizedTensor, plan: QMatmulPlan, dtype: torch.dty
     return w
 
 
-def qmatmul(x: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor | None = None,
-            plan: QMatmulPlan | None = None, silu_input: bool = False) -> torch.Tensor:
-    """x (..., K) fp16/bf16 -> (..., N) in x's dtype (written into `out` when given).
-    silu_input: x is (..., 2K) = [gate | up] and the input is silu(gate) * up (the SwiGLU down projection):
-    fused into the weight stream for one row without rotation, else a separate SiLU-mul first."""
-    K, N = qt.in_features, qt.out_features
-    if silu_input and (x.numel() != 2 * K or qt.had):  # only the one-row, unrotated path fuses it
-        from ember.kernels.activation import silu_and_mul
+def _pick_launch(plan: QMatmulPlan, M: int) -> tuple[Launch, bool, int] | None:
+    """(launch, use_dot, block_m) of the kernel path for M rows, or None for dequantize + cuBLAS."""
+    if M == 1:
+        return plan.modes["gemv"], False, 1
+    if M <= SMALL_ROWS:
+        return plan.modes["small"], True, 16 if M <= 16 else 32
+    if plan.large_mode == "dot" or (plan.large_mode == "auto" and M <= DOT_MAX_ROWS):
+        return plan.modes["large"], True, plan.modes["large"].block_m
+    return None
 
-        return qmatmul(silu_and_mul(x), qt, out, plan)
-    width = 2 * K if silu_input else K  # the one fused row: [gate | up]
-    assert x.shape[-1] == width and x.dtype in (torch.float16, torch.bfloat16), (x.shape, x.dtype)
+
+def qmatmul(x: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor | None = None,
+            plan: QMatmulPlan | None = None, epi: Epilogue | None = None) -> torch.Tensor:
+    """x (..., K) fp16/bf16 -> (..., N) in x's dtype (written into `out` when given); with `epi`, the fused
+    epilogue's output instead: (..., N), or (..., N/2) with glu."""
+    K, N = qt.in_features, qt.out_features
+    assert x.shape[-1] == K and x.dtype in (torch.float16, torch.bfloat16), (x.shape, x.dtype)
     assert qt.qweight.is_contiguous() and qt.scales.dtype == torch.float16
     plan = plan or make_plan(qt)
-    x2 = x.reshape(-1, width).contiguous()
+    x2 = x.reshape(-1, K).contiguous()
     if qt.had:
         x2 = rotate(x2, qt.had)
     M = x2.shape[0]
-    if out is None:
-        out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
-    out2 = out.view(M, N)
-    if M == 1:
-        _run_kernel(x2, qt, plan, plan.modes["gemv"], out2, use_dot=False, block_m=1, silu=silu_input)
-    elif M <= SMALL_ROWS:
-        _run_kernel(x2, qt, plan, plan.modes["small"], out2, use_dot=True, block_m=16 if M <= 16 else 32)
-    elif plan.large_mode == "dot" or (plan.large_mode == "auto" and M <= DOT_MAX_ROWS):
-        _run_kernel(x2, qt, plan, plan.modes["large"], out2, use_dot=True, block_m=plan.modes["large"].block_m)
+    pick = _pick_launch(plan, M)
+    fused = epi is not None and pick is not None and qt.bias is None and (not epi.glu or _glu_fits(pick[0], N))
+    width = N // 2 if epi is not None and epi.glu else N  # of the returned tensor
+    given = out
+    if out is None or (epi is not None and not fused):  # unfused epilogue: the plain product first
+        out = torch.empty((*x.shape[:-1], width if fused else N), dtype=x.dtype, device=x.device)
+    out2 = out.view(M, -1)
+    if pick is not None:
+        launch, use_dot, block_m = pick
+        _run_kernel(x2, qt, plan, launch, out2, use_dot, block_m, epi if fused else None)
     else:
         xp = x2[:, qt.perm.long()] if qt.perm is not None else x2
         torch.matmul(xp, dequantize_permuted(qt, plan, x.dtype), out=out2)
     if qt.bias is not None:
         out2 += qt.bias.to(out2.dtype)
-    return out
+    if epi is None or fused:
+        return out
+    from ember.kernels.reference import matmul_epilogue
+
+    y = matmul_epilogue(out2.float(), epi.rms_in, epi.eps, epi.residual, epi.gamma, epi.rms_out, epi.glu, x.dtype)
+    y = y.view(*x.shape[:-1], width)
+    return y if given is None else given.copy_(y)

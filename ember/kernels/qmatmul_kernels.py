@@ -58,10 +58,9 @@ def _plane_words(q_ptr, row, offs_n, n_mask, N, P: tl.constexpr):
 
 
 @triton.jit
-def _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, silu_off, BN: tl.constexpr,
-                P: tl.constexpr,
+def _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN: tl.constexpr, P: tl.constexpr,
                 WITH_ZERO: tl.constexpr, Z0: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
-                HAS_G32: tl.constexpr, SILU: tl.constexpr):
+                HAS_G32: tl.constexpr):
     """Partial sums (R, BN) of x * (plane - zero) over the V slots of one plane of one block of 64, for
     inputs 0..31 (lo) and 32..63 (hi; only when HAS_G32, else everything is in lo).
 
@@ -96,9 +95,6 @@ def _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, silu_off, BN: tl.const
         if HAS_PERM:
             idx = tl.load(perm_ptr + idx)
         xj = tl.load(x_ptr + idx).to(tl.float32)  # (R,)
-        if SILU:  # x is [gate | up] (2K wide): the input is silu(gate) * up, in fp32
-            up = tl.load(x_ptr + silu_off + idx).to(tl.float32)
-            xj = xj / (1.0 + tl.exp(-xj)) * up
         xj = xj * (1.0 / (1 << S))
         if HAS_G32 and j >= V // 2:
             part_hi += xj[:, None] * f
@@ -108,9 +104,9 @@ def _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, silu_off, BN: tl.const
 
 
 @triton.jit
-def _tile_fma(a1, a2, zc, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, kb, ones, silu_off, BN: tl.constexpr,
+def _tile_fma(a1, a2, zc, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr,
               P1: tl.constexpr, P2: tl.constexpr, Z0: tl.constexpr, HAS_ZEROS: tl.constexpr,
-              HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, SILU: tl.constexpr, H2: tl.constexpr):
+              HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, H2: tl.constexpr):
     """Accumulate one block of 64 inputs (plane words w1 / w2, group scales) into a1 / a2; with H2 (packed
     halves, qmatmul_h2.py) the first plane is centred at Z0 and zc collects (z - Z0) * s * sum(x)."""
     if H2:
@@ -123,14 +119,14 @@ def _tile_fma(a1, a2, zc, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, kb, o
         if HAS_ZEROS:
             zc += (z_lo - Z0) * s_lo * sx_lo + (z_hi - Z0) * s_hi * sx_hi
     else:
-        lo, hi = _plane_part(w1, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, silu_off, BN, P1, True, Z0, HAS_ZEROS,
-                             HAS_PERM, HAS_G32, SILU)
+        lo, hi = _plane_part(w1, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN, P1, True, Z0, HAS_ZEROS, HAS_PERM,
+                             HAS_G32)
         a1 += lo * s_lo[None, :]
         if HAS_G32:
             a1 += hi * s_hi[None, :]
         if P2 > 0:
-            lo, hi = _plane_part(w2, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, silu_off, BN, P2, False, Z0, HAS_ZEROS,
-                                 HAS_PERM, HAS_G32, SILU)
+            lo, hi = _plane_part(w2, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN, P2, False, Z0, HAS_ZEROS,
+                                 HAS_PERM, HAS_G32)
             a2 += lo * (s_lo * (1 << P1))[None, :]
             if HAS_G32:
                 a2 += hi * (s_hi * (1 << P1))[None, :]
@@ -167,9 +163,8 @@ def _group(k, inv_g):
 
 @triton.jit
 def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, srow, kk0, offs_n, n_mask, N, ones,
-              silu_off, BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-              HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, PDL: tl.constexpr,
-              SILU: tl.constexpr, H2: tl.constexpr):
+              BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, HAS_ZEROS: tl.constexpr,
+              HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, PDL: tl.constexpr, H2: tl.constexpr):
     """One row of x over one split -> (1, BN) float32. Planes combine as (P1 - z) + 2^p1 * P2.
     H2 (0 off, 1 plain Triton, 2 PTX): packed-half decode (qmatmul_h2.py) of 2- to 6-bit codes.
     Tile 0 is peeled off the loop and its words and scales are loaded before pdl.wait: weights are never
@@ -187,14 +182,14 @@ def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, sro
                                                     n_mask, N, P1, P2, HAS_ZEROS, HAS_G32, H2)
         pdl.wait(PDL)
         a1, a2, zc = _tile_fma(a1, a2, zc, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, tl.multiple_of(k0, 64),
-                               ones, silu_off, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM, HAS_G32, SILU, H2)
+                               ones, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM, HAS_G32, H2)
         first = 1
     for t in range(first, nt):
         w1, w2, s_lo, z_lo, s_hi, z_hi = _tile_load(q_ptr, s_ptr, z_ptr, t, inv_g, q1row, q2row, srow, kk0, offs_n,
                                                     n_mask, N, P1, P2, HAS_ZEROS, HAS_G32, H2)
         a1, a2, zc = _tile_fma(a1, a2, zc, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr,
-                               tl.multiple_of(k0 + t * 64, 64), ones, silu_off, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM,
-                               HAS_G32, SILU, H2)
+                               tl.multiple_of(k0 + t * 64, 64), ones, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM,
+                               HAS_G32, H2)
     y = tl.sum(a1, axis=0) - zc
     if P2 > 0:
         y += tl.sum(a2, axis=0)
@@ -242,11 +237,43 @@ def _loop_dot(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, k
 
 
 @triton.jit
-def _epilogue(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mask, offs_n, n_mask, N,
-              ATOMIC: tl.constexpr):
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+def _finish(y, offs_m, m_mask, offs_n, n_mask, N, out_ptr, stride_om, ss_in_ptr, eps, res_ptr, stride_rm,
+            gamma_ptr, ss_out_ptr, BM: tl.constexpr, BN: tl.constexpr, NORM_IN: tl.constexpr, RESID: tl.constexpr,
+            GLU: tl.constexpr):
+    """Store the finished (BM, BN) fp32 sums of a tile, with the work folded into the store (qmatmul.Epilogue):
+    NORM_IN: x was h * gamma of un-normalized rows h: times the RMSNorm's 1/rms = rsqrt(mean(h^2) + eps);
+    RESID: h = y + residual is written back to the residual, the output is h * gamma (the next RMSNorm's
+    weight) and mean(h^2) per row is accumulated into ss_out; GLU: the tile is [gate | up] halves (see the kernel), the
+    output silu(gate) * up. y is rounded to the output dtype first, as the unfused path stores it."""
+    dt = out_ptr.dtype.element_ty
+    if NORM_IN:
+        ss = tl.load(ss_in_ptr + offs_m, mask=m_mask, other=0.0)
+        y = y * tl.rsqrt(ss + eps)[:, None]
+    y = y.to(dt).to(tl.float32)
     mask = m_mask[:, None] & n_mask[None, :]
+    if GLU:  # (BM, BN) -> (BM, BN/2, 2): [.., 0] gate, [.., 1] up of the same output column
+        gate, up = tl.split(tl.permute(tl.reshape(y, (BM, 2, BN // 2)), (0, 2, 1)))
+        cols = tl.program_id(0) * (BN // 2) + tl.arange(0, BN // 2)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + cols[None, :], (gate / (1.0 + tl.exp(-gate)) * up).to(dt),
+                 mask=m_mask[:, None] & (cols < N // 2)[None, :])
+    elif RESID:
+        res_ptrs = res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :]
+        h = (y + tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)).to(dt)
+        tl.store(res_ptrs, h, mask=mask)
+        hf = tl.where(mask, h.to(tl.float32), 0.0)
+        tl.atomic_add(ss_out_ptr + offs_m, tl.sum(hf * hf, axis=1) / N, mask=m_mask, sem="relaxed")
+        gamma = tl.load(gamma_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], (hf * gamma[None, :]).to(dt), mask=mask)
+    else:
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(dt), mask=mask)
+
+
+@triton.jit
+def _epilogue(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mask, offs_n, n_mask, N, ss_in_ptr,
+              eps, res_ptr, stride_rm, gamma_ptr, ss_out_ptr, BM: tl.constexpr, BN: tl.constexpr,
+              ATOMIC: tl.constexpr, NORM_IN: tl.constexpr, RESID: tl.constexpr, GLU: tl.constexpr):
     if ATOMIC:
+        mask = m_mask[:, None] & n_mask[None, :]
         buf_ptrs = buf_ptr + offs_m[:, None] * N + offs_n[None, :]
         tl.atomic_add(buf_ptrs, acc, mask=mask, sem="relaxed")
         tl.debug_barrier()  # every thread's partial sums are issued before the counter is released
@@ -256,17 +283,19 @@ def _epilogue(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mas
             ibuf_ptrs = ibuf_ptr + offs_m[:, None] * N + offs_n[None, :]
             zero = tl.zeros(acc.shape, tl.int32)
             total = tl.atomic_xchg(ibuf_ptrs, zero, mask=mask, sem="relaxed").to(tl.float32, bitcast=True)
-            tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=mask)
+            _finish(total, offs_m, m_mask, offs_n, n_mask, N, out_ptr, stride_om, ss_in_ptr, eps, res_ptr,
+                    stride_rm, gamma_ptr, ss_out_ptr, BM, BN, NORM_IN, RESID, GLU)
             tl.atomic_xchg(cnt, 0, sem="relaxed")
     else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        _finish(acc, offs_m, m_mask, offs_n, n_mask, N, out_ptr, stride_om, ss_in_ptr, eps, res_ptr, stride_rm,
+                gamma_ptr, ss_out_ptr, BM, BN, NORM_IN, RESID, GLU)
 
 
 @triton.jit
-def _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N, ones, silu_off,
+def _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N, ones,
            BM: tl.constexpr, BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, USE_DOT: tl.constexpr,
            HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, DOT_DT: tl.constexpr,
-           PDL: tl.constexpr, SILU: tl.constexpr, H2: tl.constexpr):
+           PDL: tl.constexpr, H2: tl.constexpr):
     """The partial sums (BM, BN) of the split described by the 8 int32 at `meta`, width P1 + P2."""
     k0, nt, g = tl.load(meta), tl.load(meta + 1), tl.load(meta + 3)
     q1row, q2row, srow, kk0 = tl.load(meta + 4), tl.load(meta + 5), tl.load(meta + 6), tl.load(meta + 7)
@@ -275,26 +304,35 @@ def _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta
                         srow, kk0, offs_n, n_mask, N, BM, BN, P1, P2, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT)
     else:  # BM == 1
         acc = _loop_fma(x_ptr + tl.program_id(2) * stride_xm, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row,
-                        q2row, srow, kk0, offs_n, n_mask, N, ones, silu_off, BN, P1, P2, HAS_ZEROS, HAS_PERM,
-                        HAS_G32, PDL, SILU, H2 if P1 != 8 else 0)  # 8 bits: the fp32 decode
+                        q2row, srow, kk0, offs_n, n_mask, N, ones, BN, P1, P2, HAS_ZEROS, HAS_PERM,
+                        HAS_G32, PDL, H2 if P1 != 8 else 0)  # 8 bits: the fp32 decode
     return acc
 
 
 @triton.jit
 def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_ptr, ibuf_ptr, cnt_ptr, M, N,
-                   stride_xm, stride_om, ones, silu_off, BM: tl.constexpr, BN: tl.constexpr, WIDTHS: tl.constexpr,
-                   USE_DOT: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
-                   HAS_G32: tl.constexpr, ATOMIC: tl.constexpr, DOT_DT: tl.constexpr, PDL: tl.constexpr,
-                   SILU: tl.constexpr, H2: tl.constexpr):
+                   stride_xm, stride_om, ones, ss_in_ptr, eps, res_ptr, stride_rm, gamma_ptr, ss_out_ptr,
+                   BM: tl.constexpr, BN: tl.constexpr, WIDTHS: tl.constexpr, USE_DOT: tl.constexpr,
+                   HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, ATOMIC: tl.constexpr,
+                   DOT_DT: tl.constexpr, PDL: tl.constexpr, H2: tl.constexpr, NORM_IN: tl.constexpr,
+                   RESID: tl.constexpr, GLU: tl.constexpr):
     """out (M, N) = x (M, K) @ Wq^T; program_id(1) = split. WIDTHS: bit b set when width b occurs, so a
     matrix of one width compiles one loop, a mixed one a runtime branch per width present.
     PDL (pdl.py): 0 off; 1 wait at the start; 2: the one-row path waits after loading its first tile.
-    SILU (one-row path only): x rows are [gate | up], gate at x, up at x + silu_off; the matmul input is
-    silu(gate) * up, computed on load (saves the SiLU-mul launch before the down projection)."""
+    NORM_IN / RESID / GLU: the fused epilogue (_finish). With GLU, W is [gate; up] (N = 2I rows) and column
+    block b takes gate columns b*BN/2 .. and the same up columns I + b*BN/2 .., so silu(gate) * up of BN/2
+    outputs is finished in one program; the host makes sure I is a multiple of BN/2."""
     pdl.launch_dependents(PDL)
     if USE_DOT or PDL == 1:
         pdl.wait(PDL)
-    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    if GLU:
+        j = tl.arange(0, BN)
+        half: tl.constexpr = BN // 2
+        offs_n = tl.program_id(0) * half + j % half + (j // half) * (N // 2)
+        # each half is BN/2 contiguous columns starting at a multiple of 16: vector loads stay possible
+        offs_n = tl.max_contiguous(tl.multiple_of(offs_n, 16), 16)
+    else:
+        offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     n_mask = offs_n < N
     offs_m = tl.program_id(2) * BM + tl.arange(0, BM)
     m_mask = offs_m < M
@@ -304,29 +342,30 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
     if (WIDTHS >> 2) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 2:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, silu_off, BM, BN, 2, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU, H2)
+                         ones, BM, BN, 2, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2)
     if (WIDTHS >> 3) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 3:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, silu_off, BM, BN, 2, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU, H2)
+                         ones, BM, BN, 2, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2)
     if (WIDTHS >> 4) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 4:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, silu_off, BM, BN, 4, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU, H2)
+                         ones, BM, BN, 4, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2)
     if (WIDTHS >> 5) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 5:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, silu_off, BM, BN, 4, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU, H2)
+                         ones, BM, BN, 4, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2)
     if (WIDTHS >> 6) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 6:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, silu_off, BM, BN, 4, 2, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU, H2)
+                         ones, BM, BN, 4, 2, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2)
     if (WIDTHS >> 8) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 8:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, silu_off, BM, BN, 8, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, SILU, H2)
+                         ones, BM, BN, 8, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2)
     pdl.wait(PDL)  # a no-op after the first: covers every path before the first global write
-    _epilogue(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mask, offs_n, n_mask, N, ATOMIC)
+    _epilogue(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mask, offs_n, n_mask, N, ss_in_ptr,
+              eps, res_ptr, stride_rm, gamma_ptr, ss_out_ptr, BM, BN, ATOMIC, NORM_IN, RESID, GLU)
 
 
 @triton.jit

@@ -16,9 +16,11 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(h, 2 * i, config.mlp_bias, shards=(("gate_proj", i), ("up_proj", i)))
         self.down_proj = Linear(i, h, config.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # (T, 2I)
-        fused = getattr(self.down_proj, "forward_silu", None)  # quantized layers fuse SiLU-mul into their load
-        if fused is not None:
-            return fused(gate_up)  # (T, H)
-        return self.down_proj(ops.silu_and_mul(gate_up))  # (T, 2I) -> (T, I) -> (T, H)
+    def forward(self, x: torch.Tensor, epi_in=None, epi_out=None) -> torch.Tensor:
+        """x (T, H) -> (T, H). epi_in / epi_out (quantized layers only, kernels.qmatmul.Epilogue): folded into
+        gate_up (with glu: it returns silu(gate) * up) and into down."""
+        if epi_in is not None:
+            act = self.gate_up_proj(x, epi_in)  # (T, I)
+        else:
+            act = ops.silu_and_mul(self.gate_up_proj(x))  # (T, 2I) -> (T, I)
+        return self.down_proj(act) if epi_out is None else self.down_proj(act, epi_out)  # (T, H)

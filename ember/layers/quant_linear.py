@@ -6,17 +6,10 @@ launch plan built once (call `prepare()` before capturing CUDA graphs). Elsewher
 bytes)."""
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from ember.quant.format import QuantizedTensor, dequantize
-
-# Off by default: on the H100 the fused SiLU made the 8B decode slower (334.4 tok/s against 362.8 / 358.5
-# without, one call): every program recomputes the SiLU of its inputs for its columns (docs/benchmarks.md).
-FUSE_SILU = os.environ.get("EMBER_FUSE_SILU", "0") == "1"
-
 
 class QuantLinear(nn.Module):
     def __init__(self, qt: QuantizedTensor):
@@ -49,30 +42,24 @@ class QuantLinear(nn.Module):
 
             self._plan = make_plan(self.qt)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (..., K) -> (..., N)
+    def forward(self, x: torch.Tensor, epi=None) -> torch.Tensor:
+        """x: (..., K) -> (..., N); with epi (kernels.qmatmul.Epilogue) its fused epilogue's output, x (T, K)."""
         if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
             from ember.kernels.qmatmul import qmatmul
 
             self.prepare()
-            return qmatmul(x, self.qt, plan=self._plan)
+            return qmatmul(x, self.qt, plan=self._plan, epi=epi)
         w = self._dense.get(x.dtype)
         if w is None:
             w = self._dense[x.dtype] = dequantize(self.qt, x.dtype)  # (N, K)
         y = x @ w.T
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        if epi is None:
+            return y
+        from ember.kernels.reference import matmul_epilogue
 
-    def forward_silu(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """self(silu(gate) * up) for gate_up (..., 2K) = [gate | up]. With EMBER_FUSE_SILU=1, on CUDA the
-        SiLU-mul happens inside the matmul's input load for one row (decode), saving a launch."""
-        if gate_up.is_cuda and gate_up.dtype in (torch.float16, torch.bfloat16) and FUSE_SILU:
-            from ember.kernels.qmatmul import qmatmul
-
-            self.prepare()
-            return qmatmul(gate_up, self.qt, plan=self._plan, silu_input=True)
-        from ember.kernels import ops
-
-        return self.forward(ops.silu_and_mul(gate_up))
+        return matmul_epilogue(y.float(), epi.rms_in, epi.eps, epi.residual, epi.gamma, epi.rms_out, epi.glu, x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, had={self.had}"

@@ -11,6 +11,7 @@ import torch
 if not torch.cuda.is_available():  # must be set before the kernels are decorated (imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from ember.kernels.epilogue import Epilogue
 from ember.kernels.qmatmul import make_plan, qmatmul, rotate
 from ember.quant.format import dequantize, pack
 from ember.quant.hadamard import block_hadamard
@@ -79,30 +80,83 @@ def test_single_split_direct_store_and_dot_large_mode():
     check(qt, 40, torch.float16, tiles=1, large_mode="dot")
 
 
-def check_silu(qt, M, dtype, tiles=None):
-    """qmatmul(gate_up, silu_input=True) == (silu(gate) * up) @ W^T, the SwiGLU down projection."""
-    K = qt.in_features
-    gate_up = torch.randn(M, 2 * K, device=DEV).to(dtype) * 2
-    gate, up = gate_up.float().chunk(2, dim=-1)
-    ref = (torch.nn.functional.silu(gate) * up) @ dequantize(qt).to(DEV).T
+def check_epilogue(qt, M, dtype, kind, tiles=None, configs=None, fused=True, monkeypatch=None):
+    """qmatmul(x, qt, epi=Epilogue(...)) against the unfused ops. kind: "norm" (x = h * gamma, the 1/rms
+    applied in the store: equals rms_norm(h) @ W^T), "resid" (residual add, next norm's weight, mean
+    square), "glu" (silu(gate) * up of the [gate | up] product), "norm_glu" (both, the decode gate_up).
+    fused=True also asserts the kernel did it (the torch fallback is made to fail)."""
+    from ember.kernels import reference
+
+    if fused and monkeypatch is not None:
+        monkeypatch.setattr(reference, "matmul_epilogue", lambda *a: pytest.fail("torch fallback used"))
+    gen = torch.Generator().manual_seed(M)
+    K, N = qt.in_features, qt.out_features
+    w = dequantize(qt).to(DEV)
+    kw, eps = {}, 1e-5
+    if kind in ("norm", "norm_glu"):  # un-normalized rows of very different size, and the norm's weight
+        h = (torch.randn(M, K, generator=gen) * torch.logspace(-1, 2, M)[:, None]).to(DEV).to(dtype)
+        g_in = (torch.rand(K, generator=gen) + 0.5).to(DEV).to(dtype)
+        x = (h.float() * g_in.float()).to(dtype)
+        kw = dict(rms_in=h.float().pow(2).mean(-1), eps=eps)
+        ref = reference.rms_norm(h, g_in, eps).float() @ w.T
+    else:
+        x = torch.randn(M, K, generator=gen).to(DEV).to(dtype)
+        ref = x.float() @ w.T
     if qt.bias is not None:
         ref = ref + qt.bias.float()
-    plan = make_plan(qt, tiles)
-    out = qmatmul(gate_up, qt, plan=plan, silu_input=True)
-    assert out.shape == (M, qt.out_features) and out.dtype == dtype
+    if kind == "resid":
+        res0 = torch.randn(M, N, generator=gen).to(DEV).to(dtype)
+        gamma = (torch.rand(N, generator=gen) + 0.5).to(DEV).to(dtype)
+        residual, rms_out = res0.clone(), torch.zeros(M, device=DEV)
+        kw = dict(residual=residual, gamma=gamma, rms_out=rms_out, eps=eps)
+        h_ref = (ref.to(dtype).float() + res0.float()).to(dtype).float()
+    plan = make_plan(qt, tiles, configs=configs)
+    out = qmatmul(x, qt, plan=plan, epi=Epilogue(glu=kind.endswith("glu"), **kw))
     buf, cnt = plan.workspace
     assert not buf.any() and not cnt.any(), "split-K workspace not left zeroed"
-    err = (out.float() - ref).norm() / ref.norm()
-    assert err < TOL, f"rel err {err:.2e}"
+    assert out.dtype == dtype
 
+    def close(a, b, what):
+        err = (a.float() - b).norm() / b.norm()
+        assert err < TOL, f"{what}: rel err {err:.2e}"
 
-@pytest.mark.parametrize("case", ["4bit", "mixed_perm_zeros", "rotated_fallback", "rows_fallback"])
-def test_silu_input(case):
-    if case == "mixed_perm_zeros":
-        qt = make_qt([(128, 3, 64), (64, 8, 32)], 40, asym=True, use_perm=True, bias=True)
+    if kind.endswith("glu"):
+        gate, up = ref.chunk(2, dim=-1)
+        assert out.shape == (M, N // 2)
+        close(out, torch.nn.functional.silu(gate) * up, "silu(gate) * up")
+    elif kind == "resid":
+        assert out.shape == (M, N)
+        close(residual, h_ref, "residual")
+        close(rms_out, h_ref.pow(2).mean(-1), "mean square")
+        close(out, h_ref * gamma.float(), "h * gamma")
+        normed = out.float() * torch.rsqrt(rms_out + eps)[:, None]
+        close(normed, reference.add_rms_norm(ref.to(dtype), res0, gamma, eps)[0].float(), "add_rms_norm")
     else:
-        qt = make_qt([(192, 4, 64)], 40, had=64 if case == "rotated_fallback" else 0)
-    check_silu(qt, 3 if case == "rows_fallback" else 1, torch.float16, tiles=2)
+        close(out, ref, "rms_norm(h) @ W^T")
+
+
+SMALL_BLOCKS = {"gemv": (32, 1, 2, 8), "small": (32, 1, 2, 4)}  # BN 32: GLU pairs fit I = 48 (16-column halves)
+
+
+@pytest.mark.parametrize("kind", ["norm", "resid", "glu", "norm_glu"])
+@pytest.mark.parametrize("M", [1, 3])
+def test_fused_epilogue(kind, M, monkeypatch):
+    spec, N = ([(128, 4, 64)], 96) if M == 1 else ([(64, 3, 32), (64, 8, 64)], 96)
+    qt = make_qt(spec, N, asym=M == 3, use_perm=M == 3, seed=M)
+    check_epilogue(qt, M, torch.float16 if M == 1 else torch.bfloat16, kind, tiles=1, configs=SMALL_BLOCKS,
+                   monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("case", ["many_rows", "glu_halves_do_not_fit", "bias"])
+def test_fused_epilogue_fallbacks(case):
+    """Where the kernel cannot fold it (dequantize + cuBLAS rows, I not a multiple of BN/2, a bias), the
+    same epilogue runs as torch ops."""
+    if case == "many_rows":
+        check_epilogue(make_qt([(64, 4, 64)], 40), 70, torch.float16, "resid", fused=False)
+    elif case == "glu_halves_do_not_fit":
+        check_epilogue(make_qt([(64, 4, 64)], 40), 1, torch.float16, "norm_glu", fused=False)
+    else:
+        check_epilogue(make_qt([(64, 5, 64)], 48, bias=True), 1, torch.float16, "resid", fused=False)
 
 
 @pytest.mark.parametrize("h", [16, 64])
@@ -155,11 +209,14 @@ def test_gpu_cuda_graph_capture():
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("kind", ["norm", "resid", "glu", "norm_glu"])
+@pytest.mark.parametrize("M", [1, 5, 32])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_gpu_silu_input(dtype):
-    check_silu(make_qt([(64 * 23, 4, 64)], 1000), 1, dtype)
+def test_gpu_fused_epilogue(kind, M, dtype, monkeypatch):
+    """The decode layer's epilogues (Llama-like widths: I a multiple of the column blocks)."""
+    check_epilogue(make_qt([(64 * 23, 4, 64)], 1024), M, dtype, kind, monkeypatch=monkeypatch)
     spec = [(1024, 5, 128), (512, 4, 32), (1536, 3, 64), (64, 8, 64), (960, 6, 64)]
-    check_silu(make_qt(spec, 777, asym=True, use_perm=True, bias=True), 1, dtype)
+    check_epilogue(make_qt(spec, 2048, asym=True, use_perm=True, had=64), M, dtype, kind, monkeypatch=monkeypatch)
 
 
 @pytest.mark.parametrize("block_m", [32, 128])
