@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # The one command run on the GPU machine (device tool): GPU tests + benchmarks, results under $OUT.
 #
-#   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [attn] [bench8b] [core] [quick] [exl2] [gptq8b] [bench70b]
-#                        [bpw] [pdl] [profile] [sweep] [prefillgemm] [tests]     (default: tests bench8b exl2)
-# smoke: the engine / model GPU tests first; qtests: the one-row and mixed-width qmatmul GPU tests; h2: those
-# and an A/B of the packed-half decode (EMBER_H2=0/1); fuse: 8B decode with the fused decode layer off / on
-# (EMBER_FUSE=0/1: norms, residual adds, SiLU, rope and the attention merge folded into other kernels); attn: batch-1 decode attention configs; tests: the
-# whole -m gpu suite, last. bench8b: 8B-shape benchmarks (core: only 4.0 bpw at 512 and 2048 tokens and the
-# GPTQ folder; quick: batch-1 qmatmul table only; noqm: none); bpw: the 2.5 / 3.0 / 5.0 / 6.0 bpw decode runs and 4.0 with
-# a 6-bit head. pdl: decode/prefill with each EMBER_PDL mode (kernels/pdl.py); profile: per-kernel GPU time
-# and prefill host overhead (scripts/profile_decode.py); sweep: batch-1 qmatmul launch configs; prefillgemm:
-# prefill-sized matmuls, dequant + cuBLAS against the fused Triton GEMM.
+#   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [bench8b] [quick] [full] [exl2] [attn] [gptq8b]
+#                        [bench70b] [bpw] [pdl] [profile] [sweep] [prefillgemm] [tests]
+#   (default: tests bench8b exl2). Run it under `timeout N` to fit a device call: timeout signals the whole
+#   process group, and on TERM the script stops what it started and still packs $OUT for the return trip.
+# smoke: the engine / model / attention GPU tests first; qtests: the one-row, mixed-width and epilogue
+#   qmatmul GPU tests; h2: those and an A/B of the packed-half decode (EMBER_H2=0/1); fuse: 8B decode with
+#   the fused decode layer off / on twice (EMBER_FUSE=0/1); tests: the whole -m gpu suite, last.
+# bench8b: copy bandwidth and the 8B runs the acceptance names (4.0 bpw at 512 and 2048 tokens, the GPTQ
+#   folder ExLlamaV2 runs); quick: the batch-1 qmatmul table (--quick; qtable: the whole table);
+#   full: also a 6- and a 16-bit head, 2.5-6.0 bpw, the GPTQ folder at 2048, batch 8 and 32, the profile.
+#   exl2: ExLlamaV2 on the same GPTQ folder, right after ember's 8B runs (its extension builds in the
+#   background from the start; its batch-1 loop is CPU-bound, so nothing else runs beside it).
+# attn: batch-1 decode attention configs; bpw: 2.5 / 3.0 / 5.0 / 6.0 bpw and 4.0 with a 6-bit head;
+#   pdl: each EMBER_PDL mode (kernels/pdl.py); profile: per-kernel GPU time and prefill host overhead
+#   (scripts/profile_decode.py); sweep: batch-1 qmatmul launch configs; prefillgemm: prefill-sized matmuls.
+#   (`core` and `noqm` are accepted for the commands of earlier rounds: core = without full, noqm = no table.)
 #
 # Needs, carried in the ignored .whl/ folder: gguf-0.19.0 (tests), and for `exl2`/`bench70b`: exllamav2-0.3.2,
 # rich, pygments, markdown-it-py, mdurl (see bench/baselines/README.md). Python/torch/triton: the machine's own.
@@ -22,6 +28,12 @@ has() { [[ " $parts " == *" $1 "* ]]; }
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -2
 export PYTHONPATH=/tmp/site:$PWD
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
+pack() {  # the device tool returns a handful of files: everything but the summary and the rows in one archive
+  (cd "$OUT" && [ "$(ls | wc -l)" -gt 6 ] && tar czf /tmp/results.tgz --exclude summary.txt --exclude bench.jsonl . \
+    && find . -type f ! -name summary.txt ! -name bench.jsonl -delete && mv /tmp/results.tgz .) || true
+}
+stop() { log "stopped"; pkill -TERM -P $$; [ -n "${BUILD:-}" ] && pkill -TERM -P "$BUILD"; pack; exit 124; }
+trap stop TERM INT
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 
@@ -66,21 +78,26 @@ if has fuse; then  # the fused decode layer (models/llama.py, kernels/epilogue.p
 fi
 if has bench8b; then
   log "bandwidth"; python3 bench/baselines/bandwidth.py | tee "$OUT/bandwidth.txt"
-  has noqm || { log "qmatmul"; python3 scripts/bench_qmatmul.py $(has quick && echo --quick) 2>&1 | tail -60 > "$OUT/qmatmul.txt"; }
+  if has quick || has qtable; then
+    has noqm || { log "qmatmul"; python3 scripts/bench_qmatmul.py $(has qtable || echo --quick) 2>&1 | tail -60 > "$OUT/qmatmul.txt"; }
+  fi
   log "ember llama3-8b"
   bench --synthetic llama3-8b --bpw 4.0 --head-bits 8 --prompt-len 512 --gen-len 128
   bench --synthetic llama3-8b --bpw 4.0 --head-bits 8 --prompt-len 2048 --gen-len 128
   bench --model /tmp/l3gptq --prompt-len 512 --gen-len 128
-  if ! has core; then
-    bench --synthetic llama3-8b --bpw 4.0 --head-bits 6 --prompt-len 512 --gen-len 128
-    for bpw in 2.5 3.0 5.0 6.0; do bench --synthetic llama3-8b --bpw $bpw --head-bits 8 --prompt-len 512 --gen-len 128; done
-  fi
-  if ! has quick; then
-    bench --synthetic llama3-8b --bpw 4.0 --head-bits 16 --prompt-len 512 --gen-len 128
-    bench --model /tmp/l3gptq --prompt-len 2048 --gen-len 128
-    for b in 8 32; do bench --synthetic llama3-8b --bpw 4.0 --batch $b --prompt-len 512 --gen-len 64; done
-  fi
-  has core || [ ! -f scripts/profile_decode.py ] || { log "profile"; python3 scripts/profile_decode.py llama3-8b 4.0 > "$OUT/profile.txt" 2>&1; tail -34 "$OUT/profile.txt"; }
+fi
+if has exl2; then
+  wait $BUILD; log "exllamav2 llama3-8b GPTQ"; tail -3 "$OUT/exl2_build.log"
+  python3 bench/baselines/bench_exl2.py /tmp/l3gptq 512 128 2>&1 | grep -E "exl2" | tee "$OUT/exl2_8b_512.txt"
+  python3 bench/baselines/bench_exl2.py /tmp/l3gptq 2048 128 2>&1 | grep -E "exl2" | tee "$OUT/exl2_8b_2048.txt"
+fi
+if has bench8b && has full; then
+  log "ember llama3-8b, more"
+  for hb in 6 16; do bench --synthetic llama3-8b --bpw 4.0 --head-bits $hb --prompt-len 512 --gen-len 128; done
+  for bpw in 2.5 3.0 5.0 6.0; do bench --synthetic llama3-8b --bpw $bpw --head-bits 8 --prompt-len 512 --gen-len 128; done
+  bench --model /tmp/l3gptq --prompt-len 2048 --gen-len 128
+  for b in 8 32; do bench --synthetic llama3-8b --bpw 4.0 --batch $b --prompt-len 512 --gen-len 64; done
+  log "profile"; python3 scripts/profile_decode.py llama3-8b 4.0 > "$OUT/profile.txt" 2>&1; tail -34 "$OUT/profile.txt"
 fi
 if has pdl; then
   log "PDL modes (EMBER_PDL=0 off, 1 wait at start, 2 first weight tile before the wait)"
@@ -100,11 +117,6 @@ fi
 if has prefillgemm; then
   log "prefill-sized matmuls: dequant + cuBLAS vs the fused dequant-GEMM"
   python3 scripts/sweep_prefill_gemm.py ${PREFILL_SWEEP_ARGS:-} 2>&1 | tee "$OUT/sweep_prefill.txt" | grep -v skip | tail -12
-fi
-if has exl2; then
-  wait $BUILD; log "exllamav2 llama3-8b GPTQ"; tail -3 "$OUT/exl2_build.log"
-  python3 bench/baselines/bench_exl2.py /tmp/l3gptq 512 128 2>&1 | grep -E "exl2" | tee "$OUT/exl2_8b_512.txt"
-  python3 bench/baselines/bench_exl2.py /tmp/l3gptq 2048 128 2>&1 | grep -E "exl2" | tee "$OUT/exl2_8b_2048.txt"
 fi
 if has gptq8b; then  # ember on the very GPTQ checkpoint ExLlamaV2 runs
   [ -d /tmp/l3gptq ] || python3 bench/baselines/make_gptq_random.py llama3-8b /tmp/l3gptq
@@ -134,6 +146,4 @@ if has tests; then
     | tee "$OUT/gpu_tests.log" | tail -22
 fi
 log "done"
-# the device tool returns a handful of files: everything else travels in one archive
-(cd "$OUT" && n=$(ls | wc -l) && [ "$n" -gt 6 ] && tar czf /tmp/results.tgz --exclude summary.txt --exclude bench.jsonl . \
-  && find . -type f ! -name summary.txt ! -name bench.jsonl -delete && mv /tmp/results.tgz .) || true
+pack

@@ -67,23 +67,25 @@ def test_bundled_fp16_matches_transformers_and_reference_path():
     assert (fast.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.97
 
 
+def _greedy(model, prompt, steps, use_graphs):
+    """Prefill eagerly, then `steps` greedy tokens from the DecodeRunner (CUDA graphs or eager steps)."""
+    kv = KVCache(model.config, 9, 16, torch.float16, CUDA)
+    pages = [0, 1, 2, 3]
+    b = ForwardBatch.build([(prompt, 0, pages)], 16, CUDA)
+    with torch.inference_mode():
+        first = int(model(b, kv.layers()).argmax(-1)[0])
+    r = DecodeRunner(model, kv, 2, 4, CUDA, use_graphs=use_graphs)
+    r.set_sequence(0, first, len(prompt), pages)
+    return [first] + [int(r.step(1)[0]) for _ in range(steps)]
+
+
 def test_graph_decode_matches_eager_on_cuda(tmp_path):
     write_tiny("llama3.1", tmp_path)
     src = open_source(tmp_path)
     model = build_model(src.config, src.tensors, CUDA, torch.float16, 256, progress=False)
     prompt, steps = list(range(5, 40)), 16
 
-    def run(use_graphs):
-        kv = KVCache(model.config, 9, 16, torch.float16, CUDA)
-        pages = [0, 1, 2, 3]
-        b = ForwardBatch.build([(prompt, 0, pages)], 16, CUDA)
-        with torch.inference_mode():
-            first = int(model(b, kv.layers()).argmax(-1)[0])
-        r = DecodeRunner(model, kv, 2, 4, CUDA, use_graphs=use_graphs)
-        r.set_sequence(0, first, len(prompt), pages)
-        return [first] + [int(r.step(1)[0]) for _ in range(steps)]
-
-    assert run(True) == run(False)
+    assert _greedy(model, prompt, steps, True) == _greedy(model, prompt, steps, False)
 
 
 def test_generate_prints_stats_on_cuda(capsys):
@@ -138,19 +140,9 @@ def test_quantized_fused_decode_graphs_match_eager_on_cuda(monkeypatch):
     real = DecoderLayer.forward_fused
     monkeypatch.setattr(DecoderLayer, "forward_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
 
-    def run(use_graphs):
-        kv = KVCache(model.config, 9, 16, torch.float16, CUDA)
-        pages = [0, 1, 2, 3]
-        b = ForwardBatch.build([(prompt, 0, pages)], 16, CUDA)
-        with torch.inference_mode():
-            first = int(model(b, kv.layers()).argmax(-1)[0])
-        r = DecodeRunner(model, kv, 2, 4, CUDA, use_graphs=use_graphs)
-        r.set_sequence(0, first, len(prompt), pages)
-        return [first] + [int(r.step(1)[0]) for _ in range(steps)]
-
-    graphed = run(True)
+    graphed = _greedy(model, prompt, steps, True)
     assert calls, "the fused path was not taken"
-    assert graphed == run(False)
+    assert graphed == _greedy(model, prompt, steps, False)
 
 
 def test_quantized_fused_logits_match_plain_path_on_cuda():
