@@ -15,8 +15,7 @@ Inner loops (constexpr USE_DOT):
 - DOT, 2+ rows: planes reshaped to (64, BN), combined, cast to the activation dtype, tl.dot; the (BM, BN)
   result is scaled per group.
 Groups of 32 (HAS_G32) split a block in halves: elements j < V/2 of every plane are inputs 0..31.
-Split-K: each program adds its partial sums into a zeroed fp32 workspace; the last program of a column
-block (an atomic counter) reads the sums back while re-zeroing them, writes the output, resets the counter.
+Split-K and the store: qmatmul_store.py.
 """
 from __future__ import annotations
 
@@ -25,6 +24,7 @@ import triton.language as tl
 
 from ember.kernels import pdl
 from ember.kernels.qmatmul_h2 import plane2_rows, plane_part_h2
+from ember.kernels.qmatmul_store import store_tile
 
 MAGIC = tl.constexpr(8388608.0)  # 2^23
 
@@ -237,61 +237,6 @@ def _loop_dot(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, k
 
 
 @triton.jit
-def _finish(y, offs_m, m_mask, offs_n, n_mask, N, out_ptr, stride_om, ss_in_ptr, eps, res_ptr, stride_rm,
-            gamma_ptr, ss_out_ptr, BM: tl.constexpr, BN: tl.constexpr, NORM_IN: tl.constexpr, RESID: tl.constexpr,
-            GLU: tl.constexpr):
-    """Store the finished (BM, BN) fp32 sums of a tile, with the work folded into the store (qmatmul.Epilogue):
-    NORM_IN: x was h * gamma of un-normalized rows h: times the RMSNorm's 1/rms = rsqrt(mean(h^2) + eps);
-    RESID: h = y + residual is written back to the residual, the output is h * gamma (the next RMSNorm's
-    weight) and mean(h^2) per row is accumulated into ss_out; GLU: the tile is [gate | up] halves (see the kernel), the
-    output silu(gate) * up. y is rounded to the output dtype first, as the unfused path stores it."""
-    dt = out_ptr.dtype.element_ty
-    if NORM_IN:
-        ss = tl.load(ss_in_ptr + offs_m, mask=m_mask, other=0.0)
-        y = y * tl.rsqrt(ss + eps)[:, None]
-    y = y.to(dt).to(tl.float32)
-    mask = m_mask[:, None] & n_mask[None, :]
-    if GLU:  # (BM, BN) -> (BM, BN/2, 2): [.., 0] gate, [.., 1] up of the same output column
-        gate, up = tl.split(tl.permute(tl.reshape(y, (BM, 2, BN // 2)), (0, 2, 1)))
-        cols = tl.program_id(0) * (BN // 2) + tl.arange(0, BN // 2)
-        tl.store(out_ptr + offs_m[:, None] * stride_om + cols[None, :], (gate / (1.0 + tl.exp(-gate)) * up).to(dt),
-                 mask=m_mask[:, None] & (cols < N // 2)[None, :])
-    elif RESID:
-        res_ptrs = res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :]
-        h = (y + tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)).to(dt)
-        tl.store(res_ptrs, h, mask=mask)
-        hf = tl.where(mask, h.to(tl.float32), 0.0)
-        tl.atomic_add(ss_out_ptr + offs_m, tl.sum(hf * hf, axis=1) / N, mask=m_mask, sem="relaxed")
-        gamma = tl.load(gamma_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], (hf * gamma[None, :]).to(dt), mask=mask)
-    else:
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y.to(dt), mask=mask)
-
-
-@triton.jit
-def _epilogue(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mask, offs_n, n_mask, N, ss_in_ptr,
-              eps, res_ptr, stride_rm, gamma_ptr, ss_out_ptr, BM: tl.constexpr, BN: tl.constexpr,
-              ATOMIC: tl.constexpr, NORM_IN: tl.constexpr, RESID: tl.constexpr, GLU: tl.constexpr):
-    if ATOMIC:
-        mask = m_mask[:, None] & n_mask[None, :]
-        buf_ptrs = buf_ptr + offs_m[:, None] * N + offs_n[None, :]
-        tl.atomic_add(buf_ptrs, acc, mask=mask, sem="relaxed")
-        tl.debug_barrier()  # every thread's partial sums are issued before the counter is released
-        cnt = cnt_ptr + tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
-        if tl.atomic_add(cnt, 1, sem="acq_rel") == tl.num_programs(1) - 1:  # last split of this block
-            # read the sums back and re-zero them (exchanged as int32: same bits, wider support)
-            ibuf_ptrs = ibuf_ptr + offs_m[:, None] * N + offs_n[None, :]
-            zero = tl.zeros(acc.shape, tl.int32)
-            total = tl.atomic_xchg(ibuf_ptrs, zero, mask=mask, sem="relaxed").to(tl.float32, bitcast=True)
-            _finish(total, offs_m, m_mask, offs_n, n_mask, N, out_ptr, stride_om, ss_in_ptr, eps, res_ptr,
-                    stride_rm, gamma_ptr, ss_out_ptr, BM, BN, NORM_IN, RESID, GLU)
-            tl.atomic_xchg(cnt, 0, sem="relaxed")
-    else:
-        _finish(acc, offs_m, m_mask, offs_n, n_mask, N, out_ptr, stride_om, ss_in_ptr, eps, res_ptr, stride_rm,
-                gamma_ptr, ss_out_ptr, BM, BN, NORM_IN, RESID, GLU)
-
-
-@triton.jit
 def _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N, ones,
            BM: tl.constexpr, BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, USE_DOT: tl.constexpr,
            HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, DOT_DT: tl.constexpr,
@@ -364,8 +309,8 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
                          ones, BM, BN, 8, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2)
     pdl.wait(PDL)  # a no-op after the first: covers every path before the first global write
-    _epilogue(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mask, offs_n, n_mask, N, ss_in_ptr,
-              eps, res_ptr, stride_rm, gamma_ptr, ss_out_ptr, BM, BN, ATOMIC, NORM_IN, RESID, GLU)
+    store_tile(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mask, offs_n, n_mask, N,
+               ss_in_ptr, eps, res_ptr, stride_rm, gamma_ptr, ss_out_ptr, BM, BN, ATOMIC, NORM_IN, RESID, GLU)
 
 
 @triton.jit

@@ -31,7 +31,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def matmul_epilogue(y: torch.Tensor, rms_in: torch.Tensor | None, eps: float, residual: torch.Tensor | None,
                     gamma: torch.Tensor | None, rms_out: torch.Tensor | None, glu: bool,
                     dtype: torch.dtype) -> torch.Tensor:
-    """The quantized matmul's fused epilogue (qmatmul.Epilogue) on its fp32 products y (M, N):
+    """The quantized matmul's fused epilogue (kernels/epilogue.py) on its fp32 products y (M, N):
     rms_in (M,): x was h * gamma of un-normalized rows h, y *= rsqrt(rms_in + eps) (the RMSNorm's 1/rms);
     y is then rounded to dtype; residual (M, N) <- h = y + residual, returns h * gamma and adds mean(h^2)
     into rms_out (M,); or glu: returns silu(gate) * up of y = [gate | up]; else returns y."""

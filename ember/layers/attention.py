@@ -25,7 +25,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: tuple[torch.Tensor, torch.Tensor],
                 epi_in=None, epi_out=None) -> torch.Tensor:
-        """x (T, H) -> (T, H). epi_in / epi_out (quantized layers only, kernels.qmatmul.Epilogue): folded into
+        """x (T, H) -> (T, H). epi_in / epi_out (quantized layers only, kernels/epilogue.py): folded into
         the QKV and the output projections' stores."""
         t = x.shape[0]
         qkv = self.qkv_proj(x) if epi_in is None else self.qkv_proj(x, epi_in)

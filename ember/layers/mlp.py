@@ -17,7 +17,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(i, h, config.mlp_bias)
 
     def forward(self, x: torch.Tensor, epi_in=None, epi_out=None) -> torch.Tensor:
-        """x (T, H) -> (T, H). epi_in / epi_out (quantized layers only, kernels.qmatmul.Epilogue): folded into
+        """x (T, H) -> (T, H). epi_in / epi_out (quantized layers only, kernels/epilogue.py): folded into
         gate_up (with glu: it returns silu(gate) * up) and into down."""
         if epi_in is not None:
             act = self.gate_up_proj(x, epi_in)  # (T, I)

@@ -11,6 +11,7 @@ from torch import nn
 
 from ember.quant.format import QuantizedTensor, dequantize
 
+
 class QuantLinear(nn.Module):
     def __init__(self, qt: QuantizedTensor):
         super().__init__()
@@ -43,7 +44,7 @@ class QuantLinear(nn.Module):
             self._plan = make_plan(self.qt)
 
     def forward(self, x: torch.Tensor, epi=None) -> torch.Tensor:
-        """x: (..., K) -> (..., N); with epi (kernels.qmatmul.Epilogue) its fused epilogue's output, x (T, K)."""
+        """x: (..., K) -> (..., N); with epi (kernels/epilogue.py) the fused epilogue's output, x (T, K)."""
         if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
             from ember.kernels.qmatmul import qmatmul
 
@@ -59,7 +60,8 @@ class QuantLinear(nn.Module):
             return y
         from ember.kernels.reference import matmul_epilogue
 
-        return matmul_epilogue(y.float(), epi.rms_in, epi.eps, epi.residual, epi.gamma, epi.rms_out, epi.glu, x.dtype)
+        return matmul_epilogue(y.float(), epi.rms_in, epi.eps, epi.residual, epi.gamma, epi.rms_out, epi.glu,
+                               x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, had={self.had}"

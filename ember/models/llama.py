@@ -72,7 +72,7 @@ class LlamaModel(nn.Module):
         return self._fusable and ops.fuse_enabled()
 
     def use_fused(self, x: torch.Tensor) -> bool:
-        """Decode-sized batches on the Triton path of a fully quantized model (the CPU path would gain nothing)."""
+        """Decode-sized batches on the Triton path of a fully quantized model (CPU: no gain)."""
         return x.shape[0] <= FUSED_MAX_ROWS and ops.use_triton(x) and self.fusable()
 
     def forward(self, batch: ForwardBatch, kv_caches) -> torch.Tensor:
