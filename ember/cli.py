@@ -18,7 +18,8 @@ log = logging.getLogger("ember")
 
 ENGINE_HELP = {
     "device": "cuda or cpu (default: cuda when a GPU is visible, else cpu)",
-    "dtype": "activation/weight dtype: float16, bfloat16 or float32 (default: float16 on GPU, float32 on CPU)",
+    "dtype": "activation/weight dtype: float16, bfloat16 or float32 (default: float32 on CPU; on GPU float16, "
+             "or bfloat16 for an unquantized model stored in bfloat16)",
     "max_seq_len": "context length to allocate the KV cache for (default: the model's, at most 4096)",
     "page_size": "tokens per KV-cache page",
     "num_pages": "KV-cache pages to allocate (default: enough for one max_seq_len sequence)",
@@ -126,13 +127,13 @@ def cmd_info(args) -> int:
 
     from ember.io.bundled import bundled_model_path
     from ember.io.source import open_source
-    from ember.llm import resolve_device, resolve_dtype
+    from ember.llm import QUANTIZED, resolve_device, resolve_dtype
     from ember.memory import GiB, estimate
 
     src = open_source(args.model or bundled_model_path())
     cfg, eng = src.config, _engine(args)
     device = resolve_device(eng.device)
-    dtype = resolve_dtype(eng.dtype, device, cfg.torch_dtype)
+    dtype = resolve_dtype(eng.dtype, device, cfg.torch_dtype, src.format in QUANTIZED)
     seq = eng.max_seq_len or min(cfg.max_position_embeddings, 4096)
     est = estimate(cfg, cfg.num_parameters() * torch.empty(0, dtype=dtype).element_size(), seq, dtype,
                    eng.page_size)

@@ -20,6 +20,7 @@ from ember.sampling_params import SamplingParams
 log = logging.getLogger("ember")
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+QUANTIZED = ("ember", "gptq")  # source formats whose linears load as QuantLinear
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -33,11 +34,16 @@ def resolve_device(name: str | None) -> torch.device:
     return dev
 
 
-def resolve_dtype(name: str | None, device: torch.device, model_dtype: str) -> torch.dtype:
+def resolve_dtype(name: str | None, device: torch.device, model_dtype: str, quantized: bool = False) -> torch.dtype:
+    """The activation dtype: `name` when given; float32 on CPU; on GPU float16 for quantized models (the
+    quantized matmul decodes two weights per instruction only for float16 activations, and ExLlamaV2 runs
+    them in float16 too), else the model's own 16-bit type."""
     if name is not None:
         return _DTYPES[name]
     if device.type == "cpu":
         return torch.float32  # CPU half-precision matmuls are slow or missing
+    if quantized:
+        return torch.float16
     return torch.bfloat16 if model_dtype == "bfloat16" else torch.float16
 
 
@@ -57,7 +63,7 @@ class LLM:
         self.source = src = open_source(path)
         self.config = cfg = src.config
         self.device = resolve_device(engine.device)
-        self.dtype = resolve_dtype(engine.dtype, self.device, cfg.torch_dtype)
+        self.dtype = resolve_dtype(engine.dtype, self.device, cfg.torch_dtype, src.format in QUANTIZED)
         self.max_seq_len = engine.max_seq_len or min(cfg.max_position_embeddings, 4096)
         if self.max_seq_len > cfg.max_position_embeddings:
             log.warning("max_seq_len %d is beyond the model's trained context (%d)", self.max_seq_len,

@@ -74,3 +74,18 @@ def test_chat_keeps_history(monkeypatch, capsys):
     (p1, g1), (p2, _) = [(int(a), int(b)) for a, b in stats]
     # the second turn's prompt holds the first turn (prompt + reply) plus the new message
     assert p2 > p1 + g1
+
+
+def test_default_dtype_by_device_and_format():
+    """Quantized models run in float16 on the GPU (the packed-half decode); dense ones keep their bf16;
+    CPU always float32; an explicit dtype wins."""
+    import torch
+
+    from ember.llm import resolve_dtype
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_dtype(None, gpu, "bfloat16", quantized=True) == torch.float16
+    assert resolve_dtype(None, gpu, "bfloat16") == torch.bfloat16
+    assert resolve_dtype(None, gpu, "float32") == torch.float16
+    assert resolve_dtype(None, cpu, "bfloat16", quantized=True) == torch.float32
+    assert resolve_dtype("bfloat16", gpu, "float16", quantized=True) == torch.bfloat16

@@ -22,12 +22,12 @@ def cmd_bench(args) -> int:
         name, bpw = args.synthetic, args.bpw
     else:  # weights only: a speed run needs no tokenizer (random GPTQ checkpoints ship none)
         from ember.io.source import open_source
-        from ember.llm import resolve_dtype
+        from ember.llm import QUANTIZED, resolve_dtype
         from ember.models.loader import build_model
         from ember.quant.load import quant_hook_for
 
         src = open_source(args.model)
-        dtype = resolve_dtype(None, device, src.config.torch_dtype)
+        dtype = resolve_dtype(None, device, src.config.torch_dtype, src.format in QUANTIZED)
         model = build_model(src.config, src.tensors, device, dtype, args.prompt_len + args.gen_len + 64,
                             where=str(args.model), progress=not args.quiet,
                             quant_hook=quant_hook_for(src.format, src.config.quantization))
