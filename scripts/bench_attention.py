@@ -86,6 +86,36 @@ def bench_decode(batch: int, ctx: int, copy_bw: float, **kw) -> dict:
                 **{k: v for k, v in kw.items() if k != "num_splits"})
 
 
+def bench_decode_rope(ctx: int, copy_bw: float) -> dict:
+    """Batch 1, what a decode layer launches: rope_store_kv + decode_attention (two launches) against
+    decode_attention_rope (one: rope, the new token's KV write and the merge in the split kernel)."""
+    kv_bytes = ctx * HK * D * 2 * DTYPE.itemsize
+    copies = max(1, min(32, math.ceil((256 << 20) / kv_bytes)))
+    g = torch.Generator().manual_seed(0)
+    kc, vc, tables = paged_setup(1, ctx, copies, g)
+    qkv = torch.randn(1, (HQ + 2 * HK) * D, device=DEV, dtype=DTYPE)
+    q, k, v = (x.view(1, -1, D) for x in qkv.split([HQ * D, HK * D, HK * D], -1))
+    cos_sin = rope_cos_sin(D, 8192, 500000.0).to(DEV)
+    pos = torch.tensor([ctx - 1], device=DEV)
+    slots = [tables[c, 0, (ctx - 1) // PAGE].long() * PAGE + (ctx - 1) % PAGE for c in range(copies)]
+    slots = [s.view(1) for s in slots]
+    lens = torch.tensor([ctx], dtype=torch.int32, device=DEV)
+    qsl = torch.tensor([0, 1], dtype=torch.int32, device=DEV)
+
+    def separate():
+        for c in range(copies):
+            qr, _ = ops.rope_store_kv(q, k, v, pos, cos_sin, kc, vc, slots[c])
+            decode_attention(qr, kc, vc, tables[c], lens, qsl, D ** -0.5)
+
+    def fused():
+        for c in range(copies):
+            ops.decode_attention_rope(q, k, v, pos, cos_sin, kc, vc, slots[c], tables[c], lens, qsl, D ** -0.5)
+
+    sep, fus = time_graph(separate) / copies, time_graph(fused) / copies
+    return dict(ctx=ctx, separate_us=round(sep * 1e3, 2), fused_us=round(fus * 1e3, 2),
+                fused_frac_copy_bw=round(kv_bytes / (fus * 1e-3) / copy_bw, 3))
+
+
 def bench_prefill(n: int) -> dict:
     g = torch.Generator().manual_seed(1)
     kc, vc, tables = paged_setup(1, n, 1, g)
@@ -154,6 +184,7 @@ def main() -> None:
         "decode_short": lambda: [bench_decode(1, c, bw, num_splits=s, block_n=bn)
                                  for c in (576, 2112)
                                  for s, bn in ((32, 32), (16, 32), (8, 32), (8, 64), (4, 64), (4, 128), (2, 128))],
+        "decode_rope": lambda: [bench_decode_rope(c, bw) for c in (576, 2112)],
         "prefill": lambda: [bench_prefill(n) for n in (512, 2048)],
         "rope_store_kv": lambda: [bench_rope_store(t) for t in (1, 32, 2048)],
     }

@@ -13,7 +13,7 @@
 #   full: also a 6- and a 16-bit head, 2.5-6.0 bpw, the GPTQ folder at 2048, batch 8 and 32, the profile.
 #   exl2: ExLlamaV2 on the same GPTQ folder, right after ember's 8B runs (its extension builds in the
 #   background from the start; its batch-1 loop is CPU-bound, so nothing else runs beside it).
-# attn: batch-1 decode attention configs; bpw: 2.5 / 3.0 / 5.0 / 6.0 bpw and 4.0 with a 6-bit head;
+# attn: batch-1 decode attention configs and the rope-fused op against rope_store_kv + attention; bpw: 2.5 / 3.0 / 5.0 / 6.0 bpw and 4.0 with a 6-bit head;
 #   pdl: each EMBER_PDL mode (kernels/pdl.py); profile: per-kernel GPU time and prefill host overhead
 #   (scripts/profile_decode.py); sweep: batch-1 qmatmul launch configs; prefillgemm: prefill-sized matmuls.
 #   (`core` and `noqm` are accepted for the commands of earlier rounds: core = without full, noqm = no table.)
@@ -137,8 +137,8 @@ if has bpw; then
 fi
 if has attn; then
   log "decode attention at batch 1 (splits / block)"
-  python3 scripts/bench_attention.py decode_short > "$OUT/attention.txt" 2>&1
-  python3 -c "import json; [print(r) for r in json.load(open('$OUT/attention.json'))['decode_short']]" 2>&1 | tail -20
+  python3 scripts/bench_attention.py decode_short decode_rope > "$OUT/attention.txt" 2>&1
+  python3 -c "import json; d = json.load(open('$OUT/attention.json')); [print(r) for k in ('decode_short', 'decode_rope') for r in d[k]]" 2>&1 | tail -20
 fi
 if has tests; then
   log "GPU tests"
