@@ -167,8 +167,8 @@ def _pdl_kwargs(plan: QMatmulPlan, device: torch.device) -> dict:
 
 def _h2_mode(x2: torch.Tensor) -> int:
     """Packed-half decode of the one-row path (qmatmul_h2.py) for fp16 activations: 2 = PTX on the GPU,
-    1 = the same arithmetic in plain Triton (interpreter), 0 = off (bf16, or EMBER_H2=0). Not with the fused
-    SiLU input; the kernel keeps 8-bit segments on the fp32 decode."""
+    1 = the same arithmetic in plain Triton (interpreter), 0 = off (bf16, or EMBER_H2=0). The kernel keeps
+    8-bit segments on the fp32 decode."""
     if x2.dtype != torch.float16 or os.environ.get("EMBER_H2", "1") == "0":
         return 0
     return 1 if _interpreting() else 2
