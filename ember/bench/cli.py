@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 
 import torch
 
@@ -45,12 +46,21 @@ def cmd_bench(args) -> int:
     row = dict(model=name, bpw=bpw, head_bits=args.head_bits if args.synthetic else None, batch=args.batch,
                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                prompt_len=args.prompt_len, gen_len=args.gen_len, weight_gib=wbytes / 2**30,
-               date=datetime.date.today().isoformat(), **res)
+               date=datetime.date.today().isoformat(), **res, **_switches())
     if args.json:
         print(json.dumps(row))
     else:
         print(format_row(row))
     return 0
+
+
+def _switches() -> dict:
+    """The kernel switches of this run (README, GPU notes), so a row says what it measured."""
+    from ember.kernels import ops
+
+    env = os.environ.get
+    return dict(ember_fuse=int(ops.fuse_enabled()), ember_h2=int(env("EMBER_H2", "1") != "0"),
+                ember_pdl=int(env("EMBER_PDL", "2")))
 
 
 def format_row(r: dict) -> str:

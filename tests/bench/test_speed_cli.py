@@ -22,13 +22,17 @@ def folder(tmp_path_factory):
     return str(path)
 
 
-def test_bench_json_line(folder, capsys):
+def test_bench_json_line(folder, capsys, monkeypatch):
     args = ["bench", "--model", folder, "--device", "cpu", "--prompt-len", "12", "--gen-len", "3", "--reps", "1"]
     assert main([*args, "--json", "-q"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1], parse_constant=_reject)
     assert KEYS <= row.keys()
     assert row["device"] == "cpu" and row["prompt_len"] == 12 and row["gen_len"] == 3 and row["bpw"] == 16
     assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 and row["prefill_graph"] is False
+    assert row["ember_fuse"] == 1 and row["ember_h2"] == 1  # the kernel switches of the run
+    monkeypatch.setenv("EMBER_FUSE", "0")
+    assert main([*args, "--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ember_fuse"] == 0
     assert main([*args, "-q"]) == 0
     out = capsys.readouterr().out
     assert "prefill" in out and "decode" in out and "tok/s" in out and "{" not in out
