@@ -80,3 +80,19 @@ def test_fused_path_needs_every_projection_quantized(model):
     finally:
         layer.mlp.down_proj = saved
         model.model._fusable = None
+
+
+def test_fused_short_prefill_matches_plain_path(model, monkeypatch):
+    """Prompts of up to 32 tokens also take the fused layer (prefill attention, fused matmul epilogues)."""
+    gen = torch.Generator().manual_seed(7)
+    seqs = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (20, 9)]
+    pages = [list(range(0, 4)), list(range(4, 8))]
+    batch = ForwardBatch.build([(s, 0, p) for s, p in zip(seqs, pages)], PAGE, "cpu", need_all_logits=True)
+    out = {}
+    for fused in (True, False):
+        monkeypatch.setattr(LlamaModel, "use_fused", lambda self, x, f=fused: f)
+        kv = KVCache(model.config, 16, PAGE, torch.float32, "cpu")
+        with torch.no_grad():
+            out[fused] = model(batch, kv.layers())
+    err = ((out[True] - out[False]).norm() / out[False].norm()).item()
+    assert err < 1e-4, f"fused prefill logits differ from the plain path: rel err {err:.2e}"
