@@ -123,20 +123,17 @@ def cmd_chat(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import torch
-
     from ember.io.bundled import bundled_model_path
     from ember.io.source import open_source
-    from ember.llm import QUANTIZED, resolve_device, resolve_dtype
-    from ember.memory import GiB, estimate
+    from ember.llm import QUANTIZED, memory_estimate, resolve_device, resolve_dtype
+    from ember.memory import GiB
 
     src = open_source(args.model or bundled_model_path())
     cfg, eng = src.config, _engine(args)
     device = resolve_device(eng.device)
     dtype = resolve_dtype(eng.dtype, device, cfg.torch_dtype, src.format in QUANTIZED)
     seq = eng.max_seq_len or min(cfg.max_position_embeddings, 4096)
-    est = estimate(cfg, cfg.num_parameters() * torch.empty(0, dtype=dtype).element_size(), seq, dtype,
-                   eng.page_size)
+    est = memory_estimate(src, dtype, seq, eng.page_size)
     rows = [
         ("path", str(src.path)), ("format", src.format), ("architecture", cfg.architecture),
         ("parameters", f"{cfg.num_parameters() / 1e6:.1f} M"),

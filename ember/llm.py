@@ -12,7 +12,7 @@ from ember.engine.generator import GenerationStats, Generator
 from ember.engine.kv_cache import KVCache
 from ember.io.bundled import bundled_model_path
 from ember.io.source import open_source
-from ember.memory import GiB, check_fits, estimate
+from ember.memory import GiB, MemoryEstimate, check_fits, estimate
 from ember.models.loader import build_model
 from ember.quant.load import quant_hook_for
 from ember.sampling_params import SamplingParams
@@ -50,9 +50,16 @@ def resolve_dtype(name: str | None, device: torch.device, model_dtype: str, quan
 def weight_bytes(src, dtype: torch.dtype) -> int:
     """Bytes the weights will take on the device: as stored for quantized folders, else params x dtype."""
     esize = torch.empty(0, dtype=dtype).element_size()
-    if src.format in ("ember", "gptq"):
+    if src.format in QUANTIZED:
         return sum(src.tensors.nbytes(n) for n in src.tensors.names())
     return src.config.num_parameters() * esize
+
+
+def memory_estimate(src, dtype: torch.dtype, max_seq_len: int, page_size: int) -> MemoryEstimate:
+    """What loading `src` will need (memory.estimate): its weights as they will sit on the device, the KV cache
+    for max_seq_len tokens, and the workspace (with the dequantization scratch of quantized models)."""
+    return estimate(src.config, weight_bytes(src, dtype), max_seq_len, dtype, page_size,
+                    quantized=src.format in QUANTIZED)
 
 
 class LLM:
@@ -68,8 +75,7 @@ class LLM:
         if self.max_seq_len > cfg.max_position_embeddings:
             log.warning("max_seq_len %d is beyond the model's trained context (%d)", self.max_seq_len,
                         cfg.max_position_embeddings)
-        self.memory = estimate(cfg, weight_bytes(src, self.dtype), self.max_seq_len, self.dtype, engine.page_size,
-                               quantized=src.format in ("ember", "gptq"))
+        self.memory = memory_estimate(src, self.dtype, self.max_seq_len, engine.page_size)
         check_fits(self.memory, self.device, self.max_seq_len, engine.memory_limit_gib)
         self.tokenizer = src.tokenizer()
         self.model = build_model(cfg, src.tensors, self.device, self.dtype, self.max_seq_len, where=str(path),
