@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from ember.bench import speed
 from ember.kernels.qmatmul import make_plan, qmatmul, rotate
 from ember.quant.format import QuantizedTensor, make_segments
 from ember.quant.hadamard import block_hadamard
@@ -69,20 +70,10 @@ def graph_time(fn_list, reps: int = 15) -> float:
 
 
 def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read + written per second: 20 eager 2 GiB copies back to back, as
-    bench/baselines/bandwidth.py and the anchors measure it. (A single copy inside a CUDA graph, used up to
-    the third session's tables, read ~20% lower: 2.42 against 3.02 TB/s on the same H100.)"""
-    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(20):
-        dst.copy_(src)
-    b.record()
-    b.synchronize()
-    return 2 * src.numel() * 20 / (a.elapsed_time(b) * 1e-3)
+    """Device-to-device copy, bytes read + written per second, measured as `ember bench` measures its roofline
+    (eager copies back to back). A single copy replayed as a CUDA graph, which the tables up to the third
+    session divided by, read ~20% lower: 2.42 against 3.02 TB/s on the same H100."""
+    return speed.copy_bandwidth(torch.device("cuda"))
 
 
 def bench_one(K, N, width, M, configs=None, large_mode="auto", dtype=torch.float16, perm_zeros=False):
