@@ -10,7 +10,7 @@ from ember.engine.runner import DecodeRunner
 from ember.forward_batch import ForwardBatch
 from ember.io.source import open_source
 from ember.models.loader import build_model
-from tests.models.tiny import VARIANTS, write_tiny
+from tests.models.tiny import VARIANTS, quantized_tiny, write_tiny
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 CUDA = torch.device("cuda")
@@ -108,25 +108,10 @@ def test_generate_prints_stats_on_cuda(capsys):
 
 
 def _quantized_tiny():
-    """A small model with random quantized projections, widths that let every fused epilogue run in the
-    kernels (I a multiple of the column blocks), and norm weights that differ per channel."""
-    from ember.bench.synthetic import build_random
-    from ember.config import ModelConfig
-    from ember.layers.quant_linear import QuantLinear
-
-    cfg = ModelConfig.from_hf(dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=8,
-                                   num_key_value_heads=2, vocab_size=1000, rope_theta=10000.0, rms_norm_eps=1e-5,
-                                   max_position_embeddings=512, architectures=["LlamaForCausalLM"]))
-    torch.manual_seed(0)
-    model = build_random(cfg, 4.0, 8, CUDA, torch.float16, 512, group=64)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(torch.rand_like(p) + 0.5)
-        for mod in model.modules():
-            if isinstance(mod, QuantLinear):
-                mod.scales.mul_(15)
-    return model
+    """Widths that let every fused epilogue run in the kernels (I a multiple of the column blocks)."""
+    cfg = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=8,
+               num_key_value_heads=2, vocab_size=1000, rope_theta=10000.0, max_position_embeddings=512)
+    return quantized_tiny(cfg, CUDA, torch.float16, 512, group=64, scale_gain=15)
 
 
 def test_quantized_fused_decode_graphs_match_eager_on_cuda(monkeypatch):

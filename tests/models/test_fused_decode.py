@@ -6,31 +6,19 @@ the same references in tests/kernels/test_qmatmul.py."""
 import pytest
 import torch
 
-from ember.bench.synthetic import build_random
-from ember.config import ModelConfig
 from ember.engine.kv_cache import KVCache
 from ember.forward_batch import ForwardBatch
-from ember.layers.quant_linear import QuantLinear
 from ember.models.llama import DecoderLayer, LlamaModel
+from tests.models.tiny import quantized_tiny
 
 PAGE = 16
 CFG = dict(hidden_size=128, intermediate_size=320, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-           vocab_size=300, rope_theta=10000.0, max_position_embeddings=256, rms_norm_eps=1e-5,
-           architectures=["LlamaForCausalLM"])
+           vocab_size=300, rope_theta=10000.0, max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = build_random(ModelConfig.from_hf(CFG), 4.0, 8, "cpu", torch.float32, 256, group=32)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "norm" in name:  # norm weights that differ per channel, so a misplaced one shows
-                p.copy_(torch.rand_like(p) + 0.5)
-        for mod in m.modules():
-            if isinstance(mod, QuantLinear):  # weights large enough that every layer moves the logits
-                mod.scales.mul_(40)
-    return m
+    return quantized_tiny(CFG, "cpu", torch.float32, 256, group=32, scale_gain=40)
 
 
 def run(model, monkeypatch, fused: bool, seqs, steps: int):

@@ -33,3 +33,24 @@ def write_tiny(name: str, folder, seed: int = 0):
             p.add_(torch.randn_like(p) * 0.02)
     model.save_pretrained(folder, safe_serialization=True)
     return model
+
+
+def quantized_tiny(hf_config: dict, device, dtype, max_positions: int, group: int, scale_gain: float):
+    """A model with random quantized projections (4.125 bpw, 8-bit head) whose norm weights differ per channel,
+    so a misplaced one shows, and whose scales are multiplied by `scale_gain`, so that every layer moves the
+    logits (the synthetic scales alone give weights of ~1e-2)."""
+    from ember.bench.synthetic import build_random
+    from ember.config import ModelConfig
+    from ember.layers.quant_linear import QuantLinear
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_hf(dict(hf_config, architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5))
+    model = build_random(cfg, 4.0, 8, device, dtype, max_positions, group=group)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand_like(p) + 0.5)
+        for mod in model.modules():
+            if isinstance(mod, QuantLinear):
+                mod.scales.mul_(scale_gain)
+    return model
