@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The one command run on the GPU machine (device tool): GPU tests + benchmarks, results under $OUT.
 #
-#   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [bench8b] [quick] [full] [exl2] [attn] [gptq8b]
+#   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [stages] [stagetable] [bench8b] [quick] [full] [exl2] [attn] [gptq8b]
 #                        [bench70b] [bpw] [pdl] [profile] [sweep] [prefillgemm] [tests]
 #   (default: tests bench8b exl2). Run it under `timeout N` to fit a device call: timeout signals the whole
 #   process group, and on TERM the script stops what it started and still packs $OUT for the return trip.
 # smoke: the engine / model / attention GPU tests first; qtests: the one-row, mixed-width and epilogue
 #   qmatmul GPU tests; h2: those and an A/B of the packed-half decode (EMBER_H2=0/1); fuse: 8B decode with
-#   the fused decode layer off / on twice (EMBER_FUSE=0/1); tests: the whole -m gpu suite, last.
+#   the fused decode layer off / on twice (EMBER_FUSE=0/1); stages: 8B decode for each one-row matmul variant
+#   in GEMV_ARMS (stagetable: also the batch-1 qmatmul table of each); tests: the whole -m gpu suite, last.
 # bench8b: copy bandwidth and the 8B runs the acceptance names (4.0 bpw at 512 and 2048 tokens, the GPTQ
 #   folder ExLlamaV2 runs); quick: the batch-1 qmatmul table (--quick; qtable: the whole table);
 #   full: also a 6- and a 16-bit head, 2.5-6.0 bpw, the GPTQ folder at 2048, batch 8 and 32, the profile.
@@ -15,8 +16,9 @@
 #   background from the start; its batch-1 loop is CPU-bound, so nothing else runs beside it).
 # attn: batch-1 decode attention configs and the rope-fused op against rope_store_kv + attention; bpw: 2.5 / 3.0 / 5.0 / 6.0 bpw and 4.0 with a 6-bit head;
 #   pdl: each EMBER_PDL mode (kernels/pdl.py); profile: per-kernel GPU time and prefill host overhead
-#   (scripts/profile_decode.py); sweep: batch-1 qmatmul launch configs; prefillgemm: prefill-sized matmuls.
-#   (`core` and `noqm` are accepted for the commands of earlier rounds: core = without full, noqm = no table.)
+#   (scripts/profile_decode.py); sweep: batch-1 qmatmul launch configs (SWEEP_WIDTHS, SWEEP_SHAPES, SWEEP_ARGS); prefillgemm: prefill-sized matmuls.
+#   (`core` and `noqm` are accepted for the commands of earlier rounds: core = without full, noqm = no table;
+#   nogptq: bench8b without ember's run of the GPTQ folder.)
 #
 # Needs, carried in the ignored .whl/ folder: gguf-0.19.0 (tests), and for `exl2`/`bench70b`: exllamav2-0.3.2,
 # rich, pygments, markdown-it-py, mdurl (see bench/baselines/README.md). Python/torch/triton: the machine's own.
@@ -56,7 +58,7 @@ bench() {  # ember bench ... -> one JSON line appended to bench.jsonl
 }
 if has h2 || has qtests; then  # the quantized-matmul GPU tests of the one-row path and mixed widths
   log "qmatmul GPU tests (one-row and mixed)"
-  timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -k "m1 or mixed or graph or epilogue" \
+  timeout ${QTEST_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider -k "${QTEST_K:-m1 or mixed or graph or epilogue}" \
     tests/kernels/test_qmatmul.py 2>&1 | tee "$OUT/gpu_qmatmul.log" | tail -4
 fi
 if has h2; then  # packed-half decode (kernels/qmatmul_h2.py): A/B against the fp32 decode
@@ -76,6 +78,24 @@ if has fuse; then  # the fused decode layer (models/llama.py, kernels/epilogue.p
       --prompt-len 512 --gen-len 128 2>>"$OUT/bench_err.log" | tail -1 | sed "s/^/fuse=$m /" | tee -a "$OUT/fuse.txt"
   done
 fi
+if has stages; then  # one-row matmul variants (qmatmul.py, qmatmul_kernels._loop_fma): A/B in one call
+  # arms: stages/programs per SM/L2-prefetched tiles, "-" = the default (EMBER_GEMV_STAGES, _PER_SM, L2_PREFETCH)
+  log "8B decode by one-row matmul variant (${GEMV_ARMS:=-/-/0 3/2/0 -/-/3 3/2/3 -/-/0 3/2/0 -/-/3 3/2/3})"
+  for arm in $GEMV_ARMS; do
+    IFS=/ read -r st ps pf <<< "$arm"; [ "$st" = - ] && st=; [ "$ps" = - ] && ps=; [ "$pf" = - ] && pf=
+    EMBER_GEMV_STAGES=$st EMBER_GEMV_PER_SM=$ps EMBER_L2_PREFETCH=$pf python3 -m ember.cli bench --json -q \
+      --synthetic llama3-8b --bpw 4.0 --head-bits 8 --prompt-len 512 --gen-len 128 2>>"$OUT/bench_err.log" \
+      | tail -1 | sed "s|^|arm=$arm |" | tee -a "$OUT/stages.txt" \
+      | grep -o '^arm=[^ ]*\|"prefill_tok_s": [0-9.]*\|"decode_tok_s": [0-9.]*' | tr '\n' ' '; echo
+  done
+  if has stagetable; then
+    for arm in $GEMV_ARMS; do
+      IFS=/ read -r st ps pf <<< "$arm"; [ "$st" = - ] && st=; [ "$ps" = - ] && ps=; [ "$pf" = - ] && pf=
+      f="$OUT/qmatmul_arm_${arm//\//_}.txt"; [ -f "$f" ] && continue
+      EMBER_GEMV_STAGES=$st EMBER_GEMV_PER_SM=$ps EMBER_L2_PREFETCH=$pf python3 scripts/bench_qmatmul.py --quick > "$f" 2>&1
+    done
+  fi
+fi
 if has bench8b; then
   log "bandwidth"; python3 bench/baselines/bandwidth.py | tee "$OUT/bandwidth.txt"
   if has quick || has qtable; then
@@ -84,7 +104,7 @@ if has bench8b; then
   log "ember llama3-8b"
   bench --synthetic llama3-8b --bpw 4.0 --head-bits 8 --prompt-len 512 --gen-len 128
   bench --synthetic llama3-8b --bpw 4.0 --head-bits 8 --prompt-len 2048 --gen-len 128
-  bench --model /tmp/l3gptq --prompt-len 512 --gen-len 128
+  has nogptq || bench --model /tmp/l3gptq --prompt-len 512 --gen-len 128
 fi
 if has exl2; then
   wait $BUILD; log "exllamav2 llama3-8b GPTQ"; tail -3 "$OUT/exl2_build.log"
@@ -112,7 +132,7 @@ fi
 if has sweep; then
   log "qmatmul sweep"
   python3 scripts/sweep_qmatmul.py --widths ${SWEEP_WIDTHS:-4} --shapes ${SWEEP_SHAPES:-4096x6144,4096x4096,14336x4096} \
-    2>&1 | tee "$OUT/sweep.txt" | tail -12
+    ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/sweep.txt" | tail -12
 fi
 if has prefillgemm; then
   log "prefill-sized matmuls: dequant + cuBLAS vs the fused dequant-GEMM"

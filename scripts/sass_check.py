@@ -35,12 +35,12 @@ ALIGNED = [i for i, n in enumerate(SIGNATURE) if SIGNATURE[n].startswith("*") or
                                                                                       "stride_om", "stride_rm")]
 
 
-def compile_kernel(args) -> tuple[str, str, str]:
+def compile_kernel(args) -> tuple[str, str, str, int]:
     widths = sum(1 << int(b) for b in args.bits.split(","))
     epi = set(args.epi.split(",")) if args.epi else set()
     const = dict(BM=16 if args.dot else 1, BN=args.bn, WIDTHS=widths, USE_DOT=args.dot, HAS_ZEROS=args.zeros,
                  HAS_PERM=args.zeros, HAS_G32=args.zeros, ATOMIC=True, DOT_DT=tl.float16, PDL=args.pdl,
-                 H2=0 if args.dot else args.h2, NORM_IN="norm" in epi, RESID="resid" in epi, GLU="glu" in epi)
+                 H2=0 if args.dot else args.h2, NORM_IN="norm" in epi, RESID="resid" in epi, GLU="glu" in epi, STAGES=args.stages, PREFETCH=args.prefetch)
     sig = dict(SIGNATURE, **{k: "constexpr" for k in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in ALIGNED}
     k = triton.compile(ASTSource(fn=qmatmul_kernel, signature=sig, constexprs=const, attrs=attrs),
@@ -53,7 +53,7 @@ def compile_kernel(args) -> tuple[str, str, str]:
         sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
         res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], capture_output=True,
                              text=True).stdout
-    return k.asm["ptx"], sass, res
+    return k.asm["ptx"], sass, res, k.metadata.shared  # shared: bytes per program, dynamic included
 
 
 def loops(sass: str) -> list[tuple[int, list]]:
@@ -79,12 +79,15 @@ def main() -> None:
     p.add_argument("--epi", default="", help="fused epilogue steps: norm, resid, glu (comma separated)")
     p.add_argument("--bn", type=int, default=512, help="columns per program (default 512)")
     p.add_argument("--warps", type=int, default=4, help="warps per program (default 4)")
+    p.add_argument("--stages", type=int, default=1, help="pipelining depth of the one-row loop (default 1: none)")
+    p.add_argument("--prefetch", type=int, default=0, help="tiles requested into L2 before the PDL wait")
     p.add_argument("--zeros", action="store_true", help="asymmetric zeros, permutation and groups of 32")
     p.add_argument("--dot", action="store_true", help="the multi-row tl.dot path (16-row tiles)")
     args = p.parse_args()
-    ptx, sass, res = compile_kernel(args)
+    ptx, sass, res, shared = compile_kernel(args)
     regs = re.search(r"REG:(\d+)", res)
-    print(f"triton {triton.__version__}, sm_90: registers {regs.group(1) if regs else '?'}")
+    print(f"triton {triton.__version__}, sm_90: registers {regs.group(1) if regs else '?'}, shared memory "
+          f"{shared} bytes")
     print("global loads in the PTX:", dict(collections.Counter(re.findall(r"ld\.global[\.\w]*", ptx))))
     for n, ops in loops(sass):
         print(f"loop: {n} SASS instructions; {ops}")

@@ -15,7 +15,7 @@ import torch
 from ember.kernels.qmatmul import make_plan, qmatmul
 from scripts.bench_qmatmul import SHAPES, graph_time, random_qt
 
-CONFIGS = [(128, 1, 2), (256, 2, 2), (512, 4, 2), (1024, 8, 2), (256, 1, 2), (512, 2, 2), (128, 2, 2), (256, 4, 2)]
+BLOCKS = [(128, 1), (256, 2), (512, 4), (1024, 8), (256, 1), (512, 2), (128, 2), (256, 4)]  # (block_n, warps)
 PER_SM = [2, 4, 8, 16]
 
 
@@ -23,7 +23,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--widths", default="4,3,mixed")
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
+    ap.add_argument("--stages", default="1,3", help="pipelining depths of the one-row loop to try (1 = none)")
+    ap.add_argument("--blocks", type=int, default=len(BLOCKS), help="try the first N (block_n, warps) pairs")
+    ap.add_argument("--per-sm", default=",".join(map(str, PER_SM)), help="programs per SM to try")
     a = ap.parse_args()
+    stages = [int(v) for v in a.stages.split(",")]
+    per_sms = [int(v) for v in a.per_sm.split(",")]
     widths = [w if w == "mixed" else int(w) for w in a.widths.split(",")]
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     rows, best = [], {}
@@ -31,8 +36,8 @@ def main():
         n_copies = max(2, min(15, (200 << 20) // (K * N // 2)))
         qts = [random_qt(K, N, width) for _ in range(n_copies)]
         x = torch.randn(1, K, device="cuda", dtype=torch.float16)
-        for (bn, warps, stages), per_sm in itertools.product(CONFIGS, PER_SM):
-            cfg = (bn, warps, stages, per_sm)
+        for (bn, warps), st, per_sm in itertools.product(BLOCKS[:a.blocks], stages, per_sms):
+            cfg = (bn, warps, st, per_sm)
             plans = [make_plan(qt, configs={"gemv": cfg}) for qt in qts]
             outs = [torch.empty(1, N, device="cuda", dtype=torch.float16) for _ in qts]
             fns = [lambda q=q, p=p, o=o, x=x: qmatmul(x, q, out=o, plan=p) for q, p, o in zip(qts, plans, outs)]
@@ -46,9 +51,9 @@ def main():
         print(f"{K}x{N} w{width}: best {best[(K, N, str(width))][1]} {best[(K, N, str(width))][0]*1e6:.1f} us "
               f"{best[(K, N, str(width))][2]:.0f} GB/s", flush=True)
         del qts
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "sweep_qmatmul.json"), "w") as f:
-            json.dump(rows, f)
+        if os.environ.get("OUT"):  # after every shape: a timeout keeps what was measured
+            with open(os.path.join(os.environ["OUT"], "sweep_qmatmul.json"), "w") as f:
+                json.dump(rows, f)
     print("TUNED = {")
     for (K, N, w), (t, cfg, gbs) in best.items():
         print(f"    ({K}, {N}, {w if w != 'mixed' else 0}, 'gemv'): {cfg},  # {t*1e6:.1f} us, {gbs:.0f} GB/s")

@@ -64,17 +64,19 @@ class QMatmulPlan:
 # overrides keyed by (K, N, bits, mode). Filled from scripts/bench_qmatmul.py / sweep_* measurements.
 # gemv: BN = 128 x num_warps gives each thread 4 whole columns (the x values it loads serve all 4); the
 # H100 sweep (docs/dev/qmatmul-notes.md) found (512, 4 warps, 8 programs per SM) best on average; 8 columns
-# per thread (fewer instructions per weight) measured slower.
-DEFAULTS = {"gemv": (512, 4, 2, 8), "small": (64, 4, 2, 4), "large": (64, 4, 2, 2)}
+# per thread (fewer instructions per weight) measured slower. gemv stages: software-pipelining depth of the
+# one-row loop (qmatmul_kernels._loop_fma; 1 = none: 3 measured no faster on the large shapes and slower on the
+# small ones, docs/dev/qmatmul-notes.md). EMBER_GEMV_STAGES / EMBER_GEMV_PER_SM override them for A/B runs.
+DEFAULTS = {"gemv": (512, 4, 1, 8), "small": (64, 4, 2, 4), "large": (64, 4, 2, 2)}
 # Per-shape entries from the H100 sweep with the packed-half decode (scripts/sweep_qmatmul.py, call 4 in
 # docs/benchmarks.md) where the best config beat the default by more than 2%.
 TUNED: dict[tuple[int, int, int, str], tuple[int, ...]] = {
-    (4096, 6144, 2, "gemv"): (1024, 8, 2, 8),  # 5.7 us (default 6.3)
-    (4096, 4096, 2, "gemv"): (1024, 8, 2, 4),  # 5.4 (5.8)
-    (4096, 28672, 2, "gemv"): (256, 1, 2, 16),  # 18.9 (19.7)
-    (4096, 6144, 3, "gemv"): (128, 1, 2, 8),  # 8.8 (9.7)
-    (4096, 6144, 4, "gemv"): (128, 2, 2, 16),  # 7.2 (8.4)
-    (14336, 4096, 4, "gemv"): (256, 2, 2, 8),  # 13.4 (14.4)
+    (4096, 6144, 2, "gemv"): (1024, 8, 1, 8),  # 5.7 us (default 6.3)
+    (4096, 4096, 2, "gemv"): (1024, 8, 1, 4),  # 5.4 (5.8)
+    (4096, 28672, 2, "gemv"): (256, 1, 1, 16),  # 18.9 (19.7)
+    (4096, 6144, 3, "gemv"): (128, 1, 1, 8),  # 8.8 (9.7)
+    (4096, 6144, 4, "gemv"): (128, 2, 1, 16),  # 7.2 (8.4)
+    (14336, 4096, 4, "gemv"): (256, 2, 1, 8),  # 13.4 (14.4)
 }
 
 
@@ -106,6 +108,9 @@ def _launch(segments, K: int, N: int, mode: str, device: torch.device, tiles: in
             config: tuple[int, int, int, int] | None) -> Launch:
     bits = segments[0][2] if len(segments) == 1 else 0
     bn, warps, stages, per_sm, *bm = config or TUNED.get((K, N, bits, mode), DEFAULTS[mode])
+    if mode == "gemv" and config is None:  # A/B runs (gpu_check.sh)
+        stages = int(os.environ.get("EMBER_GEMV_STAGES") or stages)
+        per_sm = int(os.environ.get("EMBER_GEMV_PER_SM") or per_sm)
     if tiles is None:  # enough programs to fill the GPU: col blocks * splits ~ per_sm * SMs
         col_blocks = triton.cdiv(N, bn)
         want = max(1, per_sm * _sm_count(device) // col_blocks)
@@ -165,6 +170,12 @@ def _pdl_kwargs(plan: QMatmulPlan, device: torch.device) -> dict:
     return kw
 
 
+def _l2_prefetch() -> int:
+    """Weight tiles the one-row path requests into L2 before its PDL wait (qmatmul_kernels._loop_fma):
+    EMBER_L2_PREFETCH, default 0; never under the interpreter (PTX)."""
+    return 0 if _interpreting() else int(os.environ.get("EMBER_L2_PREFETCH", "0"))
+
+
 def _h2_mode(x2: torch.Tensor) -> int:
     """Packed-half decode of the one-row path (qmatmul_h2.py) for fp16 activations: 2 = PTX on the GPU,
     1 = the same arithmetic in plain Triton (interpreter), 0 = off (bf16, or EMBER_H2=0). The kernel keeps
@@ -202,8 +213,8 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int,
         res, res.stride(0), epi.gamma if resid else buf, epi.rms_out if resid else buf,
         BM=block_m, BN=launch.block_n, WIDTHS=plan.widths, USE_DOT=use_dot, HAS_ZEROS=qt.qzeros is not None,
         HAS_PERM=qt.perm is not None, HAS_G32=plan.has_g32, ATOMIC=atomic, DOT_DT=dot_dt,
-        H2=0 if use_dot else _h2_mode(x2), NORM_IN=norm_in, RESID=resid, GLU=glu, num_warps=launch.num_warps,
-        num_stages=launch.num_stages, **_pdl_kwargs(plan, x2.device))
+        H2=0 if use_dot else _h2_mode(x2), NORM_IN=norm_in, RESID=resid, GLU=glu,
+        STAGES=1 if use_dot else launch.num_stages, PREFETCH=_l2_prefetch(), num_warps=launch.num_warps, num_stages=launch.num_stages, **_pdl_kwargs(plan, x2.device))
 
 
 def rotate(x2: torch.Tensor, h: int) -> torch.Tensor:

@@ -37,13 +37,13 @@ def make_qt(spec, N, asym=False, use_perm=False, had=0, bias=False, seed=0):
     return pack(codes, scales, zeros, spec, perm=perm, had=had, bias=b).to(DEV)
 
 
-def check(qt, M, dtype, tiles=None, lead=(), large_mode="auto"):
+def check(qt, M, dtype, tiles=None, lead=(), large_mode="auto", configs=None):
     x = torch.randn(*lead, M, qt.in_features, device=DEV).to(dtype)
     ref = x.float() @ dequantize(qt).to(DEV).T
     if qt.bias is not None:
         ref = ref + qt.bias.float()
     out = torch.full((*lead, M, qt.out_features), float("nan"), dtype=dtype, device=DEV)  # poisoned
-    plan = make_plan(qt, tiles, large_mode=large_mode)
+    plan = make_plan(qt, tiles, large_mode=large_mode, configs=configs)
     res = qmatmul(x, qt, out=out, plan=plan)
     buf, cnt = plan.workspace
     assert not buf.any() and not cnt.any(), "split-K workspace not left zeroed"
@@ -181,6 +181,23 @@ def test_gpu_grid(bits, M, dtype):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("bits", WIDTHS, ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("stages,prefetch", [(1, 0), (3, 0), (1, 3), (4, 2)], ids=lambda v: str(v))
+def test_gpu_m1_pipelined_loop(bits, stages, prefetch, monkeypatch):
+    """The one-row loop software-pipelined over several tiles per split (the grid test above gives a split one
+    tile), with and without the L2 prefetch before the PDL wait: splits of 7 tiles, the last one short, and one
+    split of all 23 tiles; groups of 32 and zeros too."""
+    monkeypatch.setenv("EMBER_L2_PREFETCH", str(prefetch))
+    qt = make_qt([(64 * 23, bits, 64)], 1000)
+    for tiles in (7, 23):
+        check(qt, 1, torch.float16, tiles=tiles, configs={"gemv": (256, 2, stages, 8)})
+    qt = make_qt([(64 * 10, bits, 32), (64 * 13, 4, 64)], 640, asym=True, use_perm=True)
+    check(qt, 1, torch.float16, tiles=5, configs={"gemv": (512, 4, stages, 8)})
+    check(qt, 1, torch.bfloat16, tiles=5, configs={"gemv": (128, 1, stages, 8)})
+
+
+@pytest.mark.gpu
+@gpu
 @pytest.mark.parametrize("M", [1, 3, 17, 33, 100])
 def test_gpu_mixed(M):
     spec = [(1024, 5, 128), (512, 4, 32), (1536, 3, 64), (64, 8, 64), (960, 6, 64)]
@@ -260,3 +277,12 @@ def test_group_sizes_not_powers_of_two(spec):
     qt = make_qt(spec, 24, asym=True)
     check(qt, 1, torch.float16, tiles=1)
     check(qt, 1, torch.bfloat16, tiles=2)
+
+
+def test_launch_tables_are_valid():
+    """Every DEFAULTS / TUNED entry is launchable: power-of-two block and warps (Triton refuses other warp
+    counts, and a block of columns is a tl.arange), at least one pipelining stage and one program per SM."""
+    from ember.kernels.qmatmul import DEFAULTS, TUNED
+
+    for key, (bn, warps, stages, per_sm, *_) in [*DEFAULTS.items(), *TUNED.items()]:
+        assert bn & (bn - 1) == 0 and warps & (warps - 1) == 0 and stages >= 1 and per_sm >= 1, key
