@@ -40,7 +40,7 @@ def compile_kernel(args) -> tuple[str, str, str, int]:
     epi = set(args.epi.split(",")) if args.epi else set()
     const = dict(BM=16 if args.dot else 1, BN=args.bn, WIDTHS=widths, USE_DOT=args.dot, HAS_ZEROS=args.zeros,
                  HAS_PERM=args.zeros, HAS_G32=args.zeros, ATOMIC=True, DOT_DT=tl.float16, PDL=args.pdl,
-                 H2=0 if args.dot else args.h2, NORM_IN="norm" in epi, RESID="resid" in epi, GLU="glu" in epi, STAGES=args.stages, PREFETCH=args.prefetch)
+                 H2=0 if args.dot else args.h2, NORM_IN="norm" in epi, RESID="resid" in epi, GLU="glu" in epi, STAGES=args.stages)
     sig = dict(SIGNATURE, **{k: "constexpr" for k in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in ALIGNED}
     k = triton.compile(ASTSource(fn=qmatmul_kernel, signature=sig, constexprs=const, attrs=attrs),
@@ -80,7 +80,6 @@ def main() -> None:
     p.add_argument("--bn", type=int, default=512, help="columns per program (default 512)")
     p.add_argument("--warps", type=int, default=4, help="warps per program (default 4)")
     p.add_argument("--stages", type=int, default=1, help="pipelining depth of the one-row loop (default 1: none)")
-    p.add_argument("--prefetch", type=int, default=0, help="tiles requested into L2 before the PDL wait")
     p.add_argument("--zeros", action="store_true", help="asymmetric zeros, permutation and groups of 32")
     p.add_argument("--dot", action="store_true", help="the multi-row tl.dot path (16-row tiles)")
     args = p.parse_args()

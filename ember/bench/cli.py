@@ -57,15 +57,13 @@ def cmd_bench(args) -> int:
 def _switches() -> dict:
     """The kernel switches of this run (README, GPU notes), so a row says what it measured."""
     from ember.kernels import ops
-
     from ember.kernels.qmatmul import DEFAULTS
 
     env = os.environ.get
     return dict(ember_fuse=int(ops.fuse_enabled()), ember_h2=int(env("EMBER_H2", "1") != "0"),
                 ember_pdl=int(env("EMBER_PDL", "2")),
                 ember_gemv_stages=int(env("EMBER_GEMV_STAGES") or DEFAULTS["gemv"][2]),
-                ember_gemv_per_sm=int(env("EMBER_GEMV_PER_SM") or 0),  # 0: the launch tables' own
-                ember_l2_prefetch=int(env("EMBER_L2_PREFETCH") or 0))
+                ember_gemv_per_sm=int(env("EMBER_GEMV_PER_SM") or 0))  # 0: the launch tables' own
 
 
 def format_row(r: dict) -> str:

@@ -170,12 +170,6 @@ def _pdl_kwargs(plan: QMatmulPlan, device: torch.device) -> dict:
     return kw
 
 
-def _l2_prefetch() -> int:
-    """Weight tiles the one-row path requests into L2 before its PDL wait (qmatmul_kernels._loop_fma):
-    EMBER_L2_PREFETCH, default 0; never under the interpreter (PTX)."""
-    return 0 if _interpreting() else int(os.environ.get("EMBER_L2_PREFETCH", "0"))
-
-
 def _h2_mode(x2: torch.Tensor) -> int:
     """Packed-half decode of the one-row path (qmatmul_h2.py) for fp16 activations: 2 = PTX on the GPU,
     1 = the same arithmetic in plain Triton (interpreter), 0 = off (bf16, or EMBER_H2=0). The kernel keeps
@@ -214,7 +208,7 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int,
         BM=block_m, BN=launch.block_n, WIDTHS=plan.widths, USE_DOT=use_dot, HAS_ZEROS=qt.qzeros is not None,
         HAS_PERM=qt.perm is not None, HAS_G32=plan.has_g32, ATOMIC=atomic, DOT_DT=dot_dt,
         H2=0 if use_dot else _h2_mode(x2), NORM_IN=norm_in, RESID=resid, GLU=glu,
-        STAGES=1 if use_dot else launch.num_stages, PREFETCH=_l2_prefetch(), num_warps=launch.num_warps, num_stages=launch.num_stages, **_pdl_kwargs(plan, x2.device))
+        STAGES=1 if use_dot else launch.num_stages, num_warps=launch.num_warps, num_stages=launch.num_stages, **_pdl_kwargs(plan, x2.device))
 
 
 def rotate(x2: torch.Tensor, h: int) -> torch.Tensor:

@@ -154,14 +154,6 @@ def _tile_load(q_ptr, s_ptr, z_ptr, t, inv_g, q1row, q2row, srow, kk0, offs_n, n
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """prefetch.global.L2 of the 16-byte chunk each thread holds per row of a (rows, BN) int32 pointer tile (4
-    consecutive columns per thread: one instruction per 4 elements). PTX: GPU only."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$4]; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;",
-                              "=r,=r,=r,=r,l,l,l,l", [ptrs], dtype=tl.int32, is_pure=False, pack=4)
-
-
-@triton.jit
 def _group(k, inv_g):
     """k // g for k a multiple of 32 and g (32 or a multiple of 64) given as the fp32 1/g: (k + 16) / g lies
     at least 16/g from an integer, far more than fp32 rounding, so truncation is exact. Three instructions
@@ -173,7 +165,7 @@ def _group(k, inv_g):
 def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, srow, kk0, offs_n, n_mask, N, ones,
               BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, HAS_ZEROS: tl.constexpr,
               HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, PDL: tl.constexpr, H2: tl.constexpr,
-              STAGES: tl.constexpr, PREFETCH: tl.constexpr):
+              STAGES: tl.constexpr):
     """One row of x over one split -> (1, BN) float32. Planes combine as (P1 - z) + 2^p1 * P2.
     H2 (0 off, 1 plain Triton, 2 PTX): packed-half decode (qmatmul_h2.py) of 2- to 6-bit codes.
     Tile 0 is peeled off the loop and its words and scales are loaded before pdl.wait: weights are never
@@ -181,8 +173,7 @@ def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, sro
     matrices give a program one or two tiles). STAGES (the launch's stages, qmatmul.py): the loop's software
     pipelining depth through shared memory; 1 = none, each tile's words loaded into registers just before use
     (a hand-pipelined loop in registers took 184 registers instead of 72 for sm_90; the cp.async version keeps
-    127 for 4 bits, offline). PREFETCH (GPU only, with PDL 2): tiles 1..PREFETCH are also requested into L2
-    before the wait, so the DRAM stays busy while the previous kernel drains."""
+    127 for 4 bits, offline)."""
     Z0: tl.constexpr = 1 << (P1 + P2 - 1)
     inv_g = 1.0 / g.to(tl.float32)  # scale rows by multiplication (_group)
     a1 = tl.zeros((2 * P1, BN), tl.float32)
@@ -192,10 +183,6 @@ def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, sro
     if PDL == 2:
         w1, w2, s_lo, z_lo, s_hi, z_hi = _tile_load(q_ptr, s_ptr, z_ptr, 0, inv_g, q1row, q2row, srow, kk0, offs_n,
                                                     n_mask, N, P1, P2, HAS_ZEROS, HAS_G32, H2)
-        for u in tl.static_range(1, PREFETCH + 1):  # later tiles into L2 while the previous kernel finishes
-            if u < nt:
-                _prefetch_l2(q_ptr + (q1row + u * (2 * P1) + tl.arange(0, 2 * P1))[:, None] * N
-                             + tl.minimum(offs_n, N - 1)[None, :])  # (no address past the matrix)
         pdl.wait(PDL)
         a1, a2, zc = _tile_fma(a1, a2, zc, w1, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, tl.multiple_of(k0, 64),
                                ones, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM, HAS_G32, H2)
@@ -258,7 +245,7 @@ def _loop_dot(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, k
 def _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N, ones,
            BM: tl.constexpr, BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, USE_DOT: tl.constexpr,
            HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, DOT_DT: tl.constexpr,
-           PDL: tl.constexpr, H2: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr):
+           PDL: tl.constexpr, H2: tl.constexpr, STAGES: tl.constexpr):
     """The partial sums (BM, BN) of the split described by the 8 int32 at `meta`, width P1 + P2."""
     k0, nt, g = tl.load(meta), tl.load(meta + 1), tl.load(meta + 3)
     q1row, q2row, srow, kk0 = tl.load(meta + 4), tl.load(meta + 5), tl.load(meta + 6), tl.load(meta + 7)
@@ -268,7 +255,7 @@ def _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta
     else:  # BM == 1
         acc = _loop_fma(x_ptr + tl.program_id(2) * stride_xm, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row,
                         q2row, srow, kk0, offs_n, n_mask, N, ones, BN, P1, P2, HAS_ZEROS, HAS_PERM,
-                        HAS_G32, PDL, H2 if P1 != 8 else 0, STAGES, PREFETCH)  # 8 bits: the fp32 decode
+                        HAS_G32, PDL, H2 if P1 != 8 else 0, STAGES)  # 8 bits: the fp32 decode
     return acc
 
 
@@ -278,7 +265,7 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
                    BM: tl.constexpr, BN: tl.constexpr, WIDTHS: tl.constexpr, USE_DOT: tl.constexpr,
                    HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, ATOMIC: tl.constexpr,
                    DOT_DT: tl.constexpr, PDL: tl.constexpr, H2: tl.constexpr, NORM_IN: tl.constexpr,
-                   RESID: tl.constexpr, GLU: tl.constexpr, STAGES: tl.constexpr = 1, PREFETCH: tl.constexpr = 0):
+                   RESID: tl.constexpr, GLU: tl.constexpr, STAGES: tl.constexpr = 1):
     """out (M, N) = x (M, K) @ Wq^T; program_id(1) = split. WIDTHS: bit b set when width b occurs, so a
     matrix of one width compiles one loop, a mixed one a runtime branch per width present.
     PDL (pdl.py): 0 off; 1 wait at the start; 2: the one-row path waits after loading its first tile.
@@ -305,27 +292,27 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
     if (WIDTHS >> 2) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 2:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 2, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, PREFETCH)
+                         ones, BM, BN, 2, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES)
     if (WIDTHS >> 3) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 3:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 2, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, PREFETCH)
+                         ones, BM, BN, 2, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES)
     if (WIDTHS >> 4) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 4:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 4, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, PREFETCH)
+                         ones, BM, BN, 4, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES)
     if (WIDTHS >> 5) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 5:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 4, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, PREFETCH)
+                         ones, BM, BN, 4, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES)
     if (WIDTHS >> 6) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 6:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 4, 2, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, PREFETCH)
+                         ones, BM, BN, 4, 2, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES)
     if (WIDTHS >> 8) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 8:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 8, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, PREFETCH)
+                         ones, BM, BN, 8, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES)
     pdl.wait(PDL)  # a no-op after the first: covers every path before the first global write
     store_tile(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mask, offs_n, n_mask, N,
                ss_in_ptr, eps, res_ptr, stride_rm, gamma_ptr, ss_out_ptr, BM, BN, ATOMIC, NORM_IN, RESID, GLU)
