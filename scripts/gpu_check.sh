@@ -79,20 +79,21 @@ if has fuse; then  # the fused decode layer (models/llama.py, kernels/epilogue.p
   done
 fi
 if has stages; then  # one-row matmul variants (qmatmul.py, qmatmul_kernels._loop_fma): A/B in one call
-  # arms: loop pipelining stages/programs per SM, "-" = the launch tables' (EMBER_GEMV_STAGES, _PER_SM)
-  log "8B decode by one-row matmul variant (${GEMV_ARMS:=-/- 3/- 3/2 -/- 3/- 3/2})"
+  # arms: loop stages / programs per SM / stages of the wide outputs only, "-" = the launch tables'
+  # (EMBER_GEMV_STAGES, _PER_SM, _WIDE_STAGES); the default arms compare the wide matrices pipelined 3 deep
+  arms() { IFS=/ read -r st ps ws <<< "$1"; [ "$st" = - ] && st=; [ "$ps" = - ] && ps=; [ "${ws:--}" = - ] && ws=; }
+  log "8B decode by one-row matmul variant (${GEMV_ARMS:=-/-/- -/-/3 -/-/- -/-/3})"
   for arm in $GEMV_ARMS; do
-    IFS=/ read -r st ps <<< "$arm"; [ "$st" = - ] && st=; [ "$ps" = - ] && ps=
-    EMBER_GEMV_STAGES=$st EMBER_GEMV_PER_SM=$ps python3 -m ember.cli bench --json -q \
+    arms "$arm"
+    EMBER_GEMV_STAGES=$st EMBER_GEMV_PER_SM=$ps EMBER_GEMV_WIDE_STAGES=$ws python3 -m ember.cli bench --json -q \
       --synthetic llama3-8b --bpw 4.0 --head-bits 8 --prompt-len 512 --gen-len 128 2>>"$OUT/bench_err.log" \
       | tail -1 | sed "s|^|arm=$arm |" | tee -a "$OUT/stages.txt" \
       | grep -o '^arm=[^ ]*\|"prefill_tok_s": [0-9.]*\|"decode_tok_s": [0-9.]*' | tr '\n' ' '; echo
   done
   if has stagetable; then
     for arm in $GEMV_ARMS; do
-      IFS=/ read -r st ps <<< "$arm"; [ "$st" = - ] && st=; [ "$ps" = - ] && ps=
-      f="$OUT/qmatmul_arm_${arm//\//_}.txt"; [ -f "$f" ] && continue
-      EMBER_GEMV_STAGES=$st EMBER_GEMV_PER_SM=$ps python3 scripts/bench_qmatmul.py --quick > "$f" 2>&1
+      arms "$arm"; f="$OUT/qmatmul_arm_${arm//\//_}.txt"; [ -f "$f" ] && continue
+      EMBER_GEMV_STAGES=$st EMBER_GEMV_PER_SM=$ps EMBER_GEMV_WIDE_STAGES=$ws python3 scripts/bench_qmatmul.py --quick > "$f" 2>&1
     done
   fi
 fi

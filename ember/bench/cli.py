@@ -63,7 +63,8 @@ def _switches() -> dict:
     return dict(ember_fuse=int(ops.fuse_enabled()), ember_h2=int(env("EMBER_H2", "1") != "0"),
                 ember_pdl=int(env("EMBER_PDL", "2")),
                 ember_gemv_stages=int(env("EMBER_GEMV_STAGES") or DEFAULTS["gemv"][2]),
-                ember_gemv_per_sm=int(env("EMBER_GEMV_PER_SM") or 0))  # 0: the launch tables' own
+                ember_gemv_per_sm=int(env("EMBER_GEMV_PER_SM") or 0),  # 0: the launch tables' own
+                ember_gemv_wide_stages=int(env("EMBER_GEMV_WIDE_STAGES") or 0))  # 0: the launch tables' own
 
 
 def format_row(r: dict) -> str:
