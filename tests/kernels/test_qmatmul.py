@@ -181,17 +181,17 @@ def test_gpu_grid(bits, M, dtype):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("bits", WIDTHS, ids=lambda b: f"b{b}")
-@pytest.mark.parametrize("stages", [1, 3, 4], ids=lambda s: f"st{s}")
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8], ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("stages", [1, 3], ids=lambda s: f"st{s}")
 def test_gpu_m1_pipelined_loop(bits, stages):
-    """The one-row loop software-pipelined over several tiles per split (the grid test above gives a split one
-    tile): splits of 7 tiles, the last one short, and one split of all 23 tiles; groups of 32 and zeros too."""
+    """The one-row loop, plain and software-pipelined, over several tiles per split (the grid test above gives
+    a split one tile): splits of 7 tiles, the last one short, and one split of all 23 tiles; then groups of 32,
+    zeros and a permutation next to a 4-bit segment (two kernel compilations per case)."""
     qt = make_qt([(64 * 23, bits, 64)], 1000)
     for tiles in (7, 23):
         check(qt, 1, torch.float16, tiles=tiles, configs={"gemv": (256, 2, stages, 8)})
     qt = make_qt([(64 * 10, bits, 32), (64 * 13, 4, 64)], 640, asym=True, use_perm=True)
     check(qt, 1, torch.float16, tiles=5, configs={"gemv": (512, 4, stages, 8)})
-    check(qt, 1, torch.bfloat16, tiles=5, configs={"gemv": (128, 1, stages, 8)})
 
 
 @pytest.mark.gpu
