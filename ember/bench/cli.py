@@ -46,6 +46,7 @@ def cmd_bench(args) -> int:
     row = dict(model=name, bpw=bpw, head_bits=args.head_bits if args.synthetic else None, batch=args.batch,
                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                prompt_len=args.prompt_len, gen_len=args.gen_len, weight_gib=wbytes / 2**30,
+               dtype=str(_activation_dtype(model)).removeprefix("torch."),
                date=datetime.date.today().isoformat(), **res, **_switches())
     if args.json:
         print(json.dumps(row))
@@ -54,8 +55,14 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _activation_dtype(model) -> torch.dtype:
+    """The dtype activations run in: the floating-point parameters' (the packed-half decode needs float16)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def _switches() -> dict:
-    """The kernel switches of this run (README, GPU notes), so a row says what it measured."""
+    """The kernel switches this run asked for (README, GPU notes), so a row says what it measured; the
+    packed-half decode (ember_h2) applies only where the row's dtype is float16."""
     from ember.kernels import ops
     from ember.kernels.qmatmul import DEFAULTS
 

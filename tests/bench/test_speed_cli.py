@@ -30,6 +30,7 @@ def test_bench_json_line(folder, capsys, monkeypatch):
     assert row["device"] == "cpu" and row["prompt_len"] == 12 and row["gen_len"] == 3 and row["bpw"] == 16
     assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 and row["prefill_graph"] is False
     assert row["ember_fuse"] == 1 and row["ember_h2"] == 1  # the kernel switches of the run
+    assert row["dtype"] == "float32" and row["ember_gemv_stages"] == 1  # CPU default; no A/B switch set
     monkeypatch.setenv("EMBER_FUSE", "0")
     assert main([*args, "--json", "-q"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ember_fuse"] == 0
