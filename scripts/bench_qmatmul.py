@@ -91,8 +91,8 @@ def bench_one(K, N, width, M, configs=None, large_mode="auto", dtype=torch.float
 
 
 SWEEP_SHAPES = [(4096, 4096), (4096, 28672), (14336, 4096)]
-SWEEP_CFGS = [(bn, w, DEFAULTS["gemv"][2], ps) for bn, w in ((256, 1), (256, 2), (512, 2), (512, 4), (1024, 4), (1024, 8))
-              for ps in (4, 8, 16)]
+SWEEP_CFGS = [(bn, w, DEFAULTS["gemv"][2], ps)
+              for bn, w in ((256, 1), (256, 2), (512, 2), (512, 4), (1024, 4), (1024, 8)) for ps in (4, 8, 16)]
 
 
 def variants():

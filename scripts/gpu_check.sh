@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one command run on the GPU machine (device tool): GPU tests + benchmarks, results under $OUT.
 #
-#   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [stages] [stagetable] [bench8b] [quick] [full] [exl2] [attn] [gptq8b]
-#                        [bench70b] [bpw] [pdl] [profile] [sweep] [prefillgemm] [tests]
+#   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [stages] [stagetable] [bench8b] [quick] [full] [exl2]
+#                        [attn] [gptq8b] [bench70b] [bpw] [pdl] [profile] [sweep] [prefillgemm] [tests]
 #   (default: tests bench8b exl2). Run it under `timeout N` to fit a device call: timeout signals the whole
 #   process group, and on TERM the script stops what it started and still packs $OUT for the return trip.
 # smoke: the engine / model / attention GPU tests first; qtests: the one-row, mixed-width and epilogue
@@ -16,7 +16,8 @@
 #   background from the start; its batch-1 loop is CPU-bound, so nothing else runs beside it).
 # attn: batch-1 decode attention configs and the rope-fused op against rope_store_kv + attention; bpw: 2.5 / 3.0 / 5.0 / 6.0 bpw and 4.0 with a 6-bit head;
 #   pdl: each EMBER_PDL mode (kernels/pdl.py); profile: per-kernel GPU time and prefill host overhead
-#   (scripts/profile_decode.py); sweep: batch-1 qmatmul launch configs (SWEEP_WIDTHS, SWEEP_SHAPES, SWEEP_ARGS); prefillgemm: prefill-sized matmuls.
+#   (scripts/profile_decode.py); sweep: batch-1 qmatmul launch configs (SWEEP_WIDTHS, SWEEP_SHAPES,
+#   SWEEP_ARGS); prefillgemm: prefill-sized matmuls. qtests takes QTEST_K (a pytest -k) and QTEST_TIMEOUT.
 #   (`core` and `noqm` are accepted for the commands of earlier rounds: core = without full, noqm = no table;
 #   nogptq: bench8b without ember's run of the GPTQ folder.)
 #
@@ -58,8 +59,8 @@ bench() {  # ember bench ... -> one JSON line appended to bench.jsonl
 }
 if has h2 || has qtests; then  # the quantized-matmul GPU tests of the one-row path and mixed widths
   log "qmatmul GPU tests (one-row and mixed)"
-  timeout ${QTEST_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider -k "${QTEST_K:-m1 or mixed or graph or epilogue}" \
-    tests/kernels/test_qmatmul.py 2>&1 | tee "$OUT/gpu_qmatmul.log" | tail -4
+  timeout "${QTEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider \
+    -k "${QTEST_K:-m1 or mixed or graph or epilogue}" tests/kernels/test_qmatmul.py 2>&1 | tee "$OUT/gpu_qmatmul.log" | tail -4
 fi
 if has h2; then  # packed-half decode (kernels/qmatmul_h2.py): A/B against the fp32 decode
   log "8B decode, EMBER_H2=0 (fp32 decode) / 1 (packed halves)"

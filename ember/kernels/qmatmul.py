@@ -65,8 +65,9 @@ class QMatmulPlan:
 # gemv: BN = 128 x num_warps gives each thread 4 whole columns (the x values it loads serve all 4); the
 # H100 sweep (docs/dev/qmatmul-notes.md) found (512, 4 warps, 8 programs per SM) best on average; 8 columns
 # per thread (fewer instructions per weight) measured slower. gemv stages: software-pipelining depth of the
-# one-row loop (qmatmul_kernels._loop_fma; 1 = none: 3 measured no faster on the large shapes and slower on the
-# small ones, docs/dev/qmatmul-notes.md). EMBER_GEMV_STAGES / _PER_SM / _WIDE_STAGES override them for A/B runs.
+# one-row loop (qmatmul_kernels._loop_fma; 1 = none: in call G1 the best time per shape was the same at 1 and 3,
+# and the small matrices were slower at 3, docs/dev/qmatmul-notes.md). EMBER_GEMV_STAGES / _PER_SM /
+# _WIDE_STAGES override them for A/B runs.
 DEFAULTS = {"gemv": (512, 4, 1, 8), "small": (64, 4, 2, 4), "large": (64, 4, 2, 2)}
 # Wide outputs (gate/up, the head) gained from a pipelined loop at the default config in call G1 (4096x28672 at
 # 4-8 bits 5-11% faster with 3 stages, the 8-bit head 4%), the small matrices lost; not yet measured in the
@@ -214,7 +215,8 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int,
         BM=block_m, BN=launch.block_n, WIDTHS=plan.widths, USE_DOT=use_dot, HAS_ZEROS=qt.qzeros is not None,
         HAS_PERM=qt.perm is not None, HAS_G32=plan.has_g32, ATOMIC=atomic, DOT_DT=dot_dt,
         H2=0 if use_dot else _h2_mode(x2), NORM_IN=norm_in, RESID=resid, GLU=glu,
-        STAGES=1 if use_dot else launch.num_stages, num_warps=launch.num_warps, num_stages=launch.num_stages, **_pdl_kwargs(plan, x2.device))
+        STAGES=1 if use_dot else launch.num_stages, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        **_pdl_kwargs(plan, x2.device))
 
 
 def rotate(x2: torch.Tensor, h: int) -> torch.Tensor:
