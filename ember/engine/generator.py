@@ -3,6 +3,7 @@ streaming text. The dynamic batching engine (scheduler + runner) replaces this l
 the same ForwardBatch, pages and sampler."""
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -83,8 +84,10 @@ class Generator:
         with torch.inference_mode():
             return self.model(batch, self.kv_layers)  # (1, V) float32
 
-    def _decoder(self, pages: list[int], greedy: bool, st, counts, gen):
-        """A function (token, position) -> next token for one decode step: CUDA graphs on the GPU."""
+    def _decoder(self, pages: list[int], greedy: bool, st, counts, gen, calls: int):
+        """A function (token, position) -> next token for one decode step: CUDA graphs on the GPU. It is called
+        at most `calls` times. With EMBER_ASYNC_DECODE=1, greedy decoding keeps the next step queued on the GPU
+        while the host waits for, reads and yields this one's token (DecodeRunner.launch / collect)."""
         if self.device.type != "cuda":
             def eager(tok: int, pos: int) -> int:
                 return int(sample(self._forward([tok], pos, pages), st, counts, [gen])[0])
@@ -92,12 +95,19 @@ class Generator:
         if self.runner is None:
             self.runner = DecodeRunner(self.model, self.kv, 1, -(-self.max_seq_len // self.kv.page_size),
                                        self.device)
-        runner, first = self.runner, [True]
+        runner, done = self.runner, [0]
+        pipelined = greedy and os.environ.get("EMBER_ASYNC_DECODE", "0") == "1"
 
         def graphed(tok: int, pos: int) -> int:
-            if first[0]:
+            if done[0] == 0:
                 runner.set_sequence(0, tok, pos, pages)
-                first[0] = False
+                if pipelined:
+                    runner.launch(1)
+            done[0] += 1
+            if pipelined:
+                if done[0] < calls:  # the next step, if the caller may still ask for it
+                    runner.launch(1)
+                return runner.collect()[0]
             if greedy:
                 return int(runner.step(1, greedy=True)[0])  # the only host sync per token
             t = sample(runner.step(1, greedy=False), st, counts, [gen])
@@ -135,7 +145,7 @@ class Generator:
             tok = int(sample(self.prefill.forward(prompt, pages), st, counts, [gen])[0])
             stats.prefill_s = time.perf_counter() - t0
             t_dec = time.perf_counter()
-            decode = self._decoder(pages, plain_greedy, st, counts, gen)
+            decode = self._decoder(pages, plain_greedy, st, counts, gen, budget - 1)
             pos = n
             for step in range(budget):
                 stats.generated_tokens += 1
@@ -160,6 +170,8 @@ class Generator:
                     yield -1, tail
             stats.decode_s = time.perf_counter() - t_dec
         finally:
+            if self.runner is not None:
+                self.runner.drain()  # a queued step (EMBER_ASYNC_DECODE) still writes into these pages
             self.blocks.release(pages)
             stats.peak_memory_gib = _peak_memory_gib(self.device)
 

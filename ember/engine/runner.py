@@ -7,10 +7,17 @@ tokens. In "logits" mode the graph stops at the logits; the caller samples and c
 
 On CPU (or with graphs disabled) the same step runs eagerly, which is how it is tested without a GPU.
 
+`launch` / `collect` split a greedy step in two for streaming: `launch` queues the step and a copy of its
+tokens into pinned host memory and returns at once, so the caller can queue the next step (its input is already
+on the device) before it waits for this one's tokens. The GPU then never idles while the host reads a token,
+yields it and launches the next graph. At most two steps are in flight; `drain` waits for them.
+
 NOTE: capture runs a few warm-up steps that write into the KV cache; they write only into the scratch page
 (the last page of the cache, which the block manager never hands out), so capturing never corrupts a
 running sequence."""
 from __future__ import annotations
+
+from collections import deque
 
 import torch
 
@@ -36,6 +43,12 @@ class DecodeRunner:
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.pool = None
+        cuda = device.type == "cuda"
+        # launch / collect: two host slots for the tokens of the steps in flight, and their events
+        self._host = [torch.zeros(max_batch, dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
+        self._events = [torch.cuda.Event() for _ in range(2)] if cuda else None
+        self._pending: deque[tuple[int, int]] = deque()  # (slot, rows) of the launched steps, oldest first
+        self._slot = 0
 
     # -- host-side updates (between steps) ------------------------------------------------------------
     def set_sequence(self, row: int, last_token: int, position: int, pages: list[int]) -> None:
@@ -114,3 +127,28 @@ class DecodeRunner:
                 self.graphs[key] = self._capture(size, greedy)
             self.graphs[key].replay()
         return self.tokens[:b] if greedy else self.logits[:b]
+
+    # -- pipelined greedy steps (streaming) ------------------------------------------------------------
+    def launch(self, b: int) -> None:
+        """Queue one greedy step of rows [0, b) and the copy of its tokens to host memory; returns without
+        waiting. Its input tokens are the previous step's, already in `ids` on the device."""
+        if len(self._pending) == len(self._host):
+            raise RuntimeError("two steps are already in flight: collect one first")
+        self.step(b, greedy=True)
+        slot, self._slot = self._slot, self._slot ^ 1
+        self._host[slot][:b].copy_(self.tokens[:b], non_blocking=True)  # ordered after the step, same stream
+        if self._events is not None:
+            self._events[slot].record()
+        self._pending.append((slot, b))
+
+    def collect(self) -> list[int]:
+        """The tokens of the oldest launched step, once it has finished."""
+        slot, b = self._pending.popleft()
+        if self._events is not None:
+            self._events[slot].synchronize()
+        return self._host[slot][:b].tolist()
+
+    def drain(self) -> None:
+        """Wait for every launched step (before the pages it writes are handed to anyone else)."""
+        while self._pending:
+            self.collect()

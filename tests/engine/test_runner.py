@@ -71,3 +71,30 @@ def test_logits_mode_and_advance(model):
         runner.advance(t)
         toks.append(int(t[0]))
     assert toks == expected
+
+
+def test_launch_collect_pipeline_matches_steps(model):
+    """Two steps in flight (launch the next before collecting this one) give the tokens of plain steps, and the
+    runner refuses a third."""
+    prompts = [list(range(5, 5 + n)) for n in (7, 20)]
+    steps = 9
+    expected = [eager_greedy(model, p, steps) for p in prompts]
+    kv = KVCache(model.config, 17, PAGE, torch.float32, "cpu")
+    runner = DecodeRunner(model, kv, max_batch=2, max_pages=4, device=torch.device("cpu"))
+    got = []
+    for row, p in enumerate(prompts):
+        pages = [row * 4 + i for i in range(4)]
+        first = prefill(model, kv, p, pages)
+        runner.set_sequence(row, first, len(p), pages)
+        got.append([first])
+    runner.launch(2)
+    for i in range(steps - 1):
+        if i + 1 < steps - 1:
+            runner.launch(2)
+        if i == 0:
+            with pytest.raises(RuntimeError, match="in flight"):
+                runner.launch(2)
+        for row, t in enumerate(runner.collect()):
+            got[row].append(t)
+    runner.drain()
+    assert got == expected
