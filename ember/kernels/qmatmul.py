@@ -286,6 +286,6 @@ def qmatmul(x: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor | None = Non
         return out
     from ember.kernels.reference import matmul_epilogue
 
-    y = matmul_epilogue(out2.float(), epi.rms_in, epi.eps, epi.residual, epi.gamma, epi.rms_out, epi.glu, x.dtype)
+    y = matmul_epilogue(out2.float(), epi, x.dtype)
     y = y.view(*x.shape[:-1], width)
     return y if given is None else given.copy_(y)

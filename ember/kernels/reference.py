@@ -28,24 +28,22 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate.float()) * up.float()).to(x.dtype)
 
 
-def matmul_epilogue(y: torch.Tensor, rms_in: torch.Tensor | None, eps: float, residual: torch.Tensor | None,
-                    gamma: torch.Tensor | None, rms_out: torch.Tensor | None, glu: bool,
-                    dtype: torch.dtype) -> torch.Tensor:
-    """The quantized matmul's fused epilogue (kernels/epilogue.py) on its fp32 products y (M, N):
+def matmul_epilogue(y: torch.Tensor, epi, dtype: torch.dtype) -> torch.Tensor:
+    """The quantized matmul's fused epilogue `epi` (kernels/epilogue.Epilogue) on its fp32 products y (M, N):
     rms_in (M,): x was h * gamma of un-normalized rows h, y *= rsqrt(rms_in + eps) (the RMSNorm's 1/rms);
     y is then rounded to dtype; residual (M, N) <- h = y + residual, returns h * gamma and adds mean(h^2)
     into rms_out (M,); or glu: returns silu(gate) * up of y = [gate | up]; else returns y."""
-    if rms_in is not None:
-        y = y * torch.rsqrt(rms_in + eps)[:, None]
+    if epi.rms_in is not None:
+        y = y * torch.rsqrt(epi.rms_in + epi.eps)[:, None]
     y = y.to(dtype)
-    if glu:
+    if epi.glu:
         return silu_and_mul(y)
-    if residual is None:
+    if epi.residual is None:
         return y
-    h = (y.float() + residual.float()).to(dtype)
-    residual.copy_(h)
-    rms_out += h.float().pow(2).mean(-1)
-    return (h.float() * gamma.float()).to(dtype)
+    h = (y.float() + epi.residual.float()).to(dtype)
+    epi.residual.copy_(h)
+    epi.rms_out.add_(h.float().pow(2).mean(-1))  # in place (Epilogue is frozen)
+    return (h.float() * epi.gamma.float()).to(dtype)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):

@@ -60,8 +60,7 @@ class QuantLinear(nn.Module):
             return y
         from ember.kernels.reference import matmul_epilogue
 
-        return matmul_epilogue(y.float(), epi.rms_in, epi.eps, epi.residual, epi.gamma, epi.rms_out, epi.glu,
-                               x.dtype)
+        return matmul_epilogue(y.float(), epi, x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, had={self.had}"
