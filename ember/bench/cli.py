@@ -63,6 +63,7 @@ def _activation_dtype(model) -> torch.dtype:
 def _switches() -> dict:
     """The kernel switches this run asked for (README, GPU notes), so a row says what it measured; the
     packed-half decode (ember_h2) applies only where the row's dtype is float16."""
+    from ember.engine.runner import async_decode
     from ember.kernels import ops
     from ember.kernels.qmatmul import DEFAULTS
 
@@ -72,7 +73,7 @@ def _switches() -> dict:
                 ember_gemv_stages=int(env("EMBER_GEMV_STAGES") or DEFAULTS["gemv"][2]),
                 ember_gemv_per_sm=int(env("EMBER_GEMV_PER_SM") or 0),  # 0: the launch tables' own
                 ember_gemv_wide_stages=int(env("EMBER_GEMV_WIDE_STAGES") or 0),  # 0: the launch tables' own
-                ember_async_decode=int(env("EMBER_ASYNC_DECODE", "0") == "1"))
+                ember_async_decode=int(async_decode()))
 
 
 def format_row(r: dict) -> str:

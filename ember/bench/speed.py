@@ -2,7 +2,6 @@
 memory, and the fraction of the copy-bandwidth roofline reached by decode."""
 from __future__ import annotations
 
-import os
 import statistics
 import time
 
@@ -10,7 +9,7 @@ import torch
 
 from ember.engine.kv_cache import KVCache, kv_bytes_per_token
 from ember.engine.prefill_runner import PrefillRunner
-from ember.engine.runner import DecodeRunner
+from ember.engine.runner import DecodeRunner, async_decode
 from ember.forward_batch import ForwardBatch
 
 PAGE = 64
@@ -81,16 +80,8 @@ def measure(model, device, prompt_len: int, gen_len: int, batch: int, weight_byt
             runner.set_sequence(b, first[b], prompt_len, tables[b])
         _sync(device)
         t0 = time.perf_counter()
-        n = gen_len if rep else 2
-        if os.environ.get("EMBER_ASYNC_DECODE", "0") == "1":  # the generator's pipelined streaming (runner.py)
-            runner.launch(batch)
-            for i in range(n):
-                if i + 1 < n:
-                    runner.launch(batch)
-                runner.collect()  # host reads every token, as a streaming server must
-        else:
-            for _ in range(n):
-                runner.step(batch, greedy=True).tolist()  # host reads every token, as a streaming server must
+        for _ in runner.greedy_tokens(batch, gen_len if rep else 2, async_decode()):
+            pass  # the host reads every token, as a streaming server must (the generator's loop)
         if rep:
             decode_times.append(time.perf_counter() - t0)
     decode_s = statistics.median(decode_times)

@@ -3,7 +3,6 @@ streaming text. The dynamic batching engine (scheduler + runner) replaces this l
 the same ForwardBatch, pages and sampler."""
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ import torch
 from ember.engine.block_manager import BlockManager
 from ember.engine.kv_cache import KVCache
 from ember.engine.prefill_runner import PrefillRunner
-from ember.engine.runner import DecodeRunner
+from ember.engine.runner import DecodeRunner, async_decode
 from ember.engine.sampler import SamplingTensors, TokenCounts, sample
 from ember.errors import PromptTooLongError
 from ember.forward_batch import ForwardBatch
@@ -87,7 +86,7 @@ class Generator:
     def _decoder(self, pages: list[int], greedy: bool, st, counts, gen, calls: int):
         """A function (token, position) -> next token for one decode step: CUDA graphs on the GPU. It is called
         at most `calls` times. With EMBER_ASYNC_DECODE=1, greedy decoding keeps the next step queued on the GPU
-        while the host waits for, reads and yields this one's token (DecodeRunner.launch / collect)."""
+        while the host waits for, reads and yields this one's token (DecodeRunner.greedy_tokens)."""
         if self.device.type != "cuda":
             def eager(tok: int, pos: int) -> int:
                 return int(sample(self._forward([tok], pos, pages), st, counts, [gen])[0])
@@ -95,21 +94,14 @@ class Generator:
         if self.runner is None:
             self.runner = DecodeRunner(self.model, self.kv, 1, -(-self.max_seq_len // self.kv.page_size),
                                        self.device)
-        runner, done = self.runner, [0]
-        pipelined = greedy and os.environ.get("EMBER_ASYNC_DECODE", "0") == "1"
+        runner, tokens = self.runner, []  # tokens: the greedy steps' iterator, from the first call on
 
         def graphed(tok: int, pos: int) -> int:
-            if done[0] == 0:
+            if not tokens:
                 runner.set_sequence(0, tok, pos, pages)
-                if pipelined:
-                    runner.launch(1)
-            done[0] += 1
-            if pipelined:
-                if done[0] < calls:  # the next step, if the caller may still ask for it
-                    runner.launch(1)
-                return runner.collect()[0]
+                tokens.append(runner.greedy_tokens(1, calls, async_decode()) if greedy else None)
             if greedy:
-                return int(runner.step(1, greedy=True)[0])  # the only host sync per token
+                return next(tokens[0])[0]  # the only host sync per token
             t = sample(runner.step(1, greedy=False), st, counts, [gen])
             runner.advance(t)
             return int(t[0])

@@ -17,7 +17,9 @@ NOTE: capture runs a few warm-up steps that write into the KV cache; they write 
 running sequence."""
 from __future__ import annotations
 
+import os
 from collections import deque
+from collections.abc import Iterator
 
 import torch
 
@@ -25,6 +27,12 @@ from ember.engine.sampler import argmax
 from ember.forward_batch import ForwardBatch
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+def async_decode() -> bool:
+    """EMBER_ASYNC_DECODE=1: greedy streaming queues each step before the previous one's tokens are read
+    (`greedy_tokens`); off by default until it has been measured on a GPU."""
+    return os.environ.get("EMBER_ASYNC_DECODE", "0") == "1"
 
 
 class DecodeRunner:
@@ -147,6 +155,21 @@ class DecodeRunner:
         if self._events is not None:
             self._events[slot].synchronize()
         return self._host[slot][:b].tolist()
+
+    def greedy_tokens(self, b: int, n: int, pipelined: bool) -> Iterator[list[int]]:
+        """The tokens of n greedy steps of rows [0, b), each list read back by the host as it is yielded.
+        pipelined: each step is queued before the previous one's tokens are read (launch / collect); a caller
+        that stops early leaves a step in flight and must `drain` before reusing its pages."""
+        if not pipelined:
+            for _ in range(n):
+                yield self.step(b, greedy=True).tolist()
+            return
+        if n > 0:
+            self.launch(b)
+        for i in range(n):
+            if i + 1 < n:
+                self.launch(b)
+            yield self.collect()
 
     def drain(self) -> None:
         """Wait for every launched step (before the pages it writes are handed to anyone else)."""
