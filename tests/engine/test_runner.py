@@ -38,18 +38,24 @@ def eager_greedy(model, prompt, steps):
     return out
 
 
-def test_runner_matches_eager_and_batch(model):
-    prompts = [list(range(5, 5 + n)) for n in (7, 20, 33)]  # ragged, crossing page boundaries
-    steps = 12
-    expected = [eager_greedy(model, p, steps) for p in prompts]
+def start(model, prompts, max_batch):
+    """A runner whose rows continue the prompts (4 pages each) after their prefill -> (runner, [[first token]])."""
     kv = KVCache(model.config, 17, PAGE, torch.float32, "cpu")  # page 16 = scratch
-    runner = DecodeRunner(model, kv, max_batch=4, max_pages=4, device=torch.device("cpu"))
+    runner = DecodeRunner(model, kv, max_batch=max_batch, max_pages=4, device=torch.device("cpu"))
     got = []
     for row, p in enumerate(prompts):
         pages = [row * 4 + i for i in range(4)]
         first = prefill(model, kv, p, pages)
         runner.set_sequence(row, first, len(p), pages)
         got.append([first])
+    return runner, got
+
+
+def test_runner_matches_eager_and_batch(model):
+    prompts = [list(range(5, 5 + n)) for n in (7, 20, 33)]  # ragged, crossing page boundaries
+    steps = 12
+    expected = [eager_greedy(model, p, steps) for p in prompts]
+    runner, got = start(model, prompts, max_batch=4)
     for _ in range(steps - 1):
         toks = runner.step(len(prompts), greedy=True).tolist()
         for row, t in enumerate(toks):
@@ -79,14 +85,7 @@ def test_launch_collect_pipeline_matches_steps(model):
     prompts = [list(range(5, 5 + n)) for n in (7, 20)]
     steps = 9
     expected = [eager_greedy(model, p, steps) for p in prompts]
-    kv = KVCache(model.config, 17, PAGE, torch.float32, "cpu")
-    runner = DecodeRunner(model, kv, max_batch=2, max_pages=4, device=torch.device("cpu"))
-    got = []
-    for row, p in enumerate(prompts):
-        pages = [row * 4 + i for i in range(4)]
-        first = prefill(model, kv, p, pages)
-        runner.set_sequence(row, first, len(p), pages)
-        got.append([first])
+    runner, got = start(model, prompts, max_batch=2)
     runner.launch(2)
     for i in range(steps - 1):
         if i + 1 < steps - 1:
@@ -98,3 +97,21 @@ def test_launch_collect_pipeline_matches_steps(model):
             got[row].append(t)
     runner.drain()
     assert got == expected
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_greedy_tokens(model, pipelined):
+    """The streaming loop the generator and `ember bench` share, plain and pipelined; stopping early leaves
+    at most one step in flight, which drain() waits for."""
+    prompts = [list(range(5, 12)), list(range(5, 25))]
+    expected = [eager_greedy(model, p, 7) for p in prompts]
+    runner, got = start(model, prompts, max_batch=2)
+    for toks in runner.greedy_tokens(2, 6, pipelined):
+        for row, t in enumerate(toks):
+            got[row].append(t)
+    assert got == expected
+    runner, _ = start(model, prompts, max_batch=2)
+    next(runner.greedy_tokens(2, 6, pipelined))
+    assert len(runner._pending) == int(pipelined)
+    runner.drain()
+    assert not runner._pending
