@@ -58,6 +58,11 @@ fi
 bench() {  # ember bench ... -> one JSON line appended to bench.jsonl
   python3 -m ember.cli bench --json -q "$@" 2>>"$OUT/bench_err.log" | tail -1 | tee -a "$OUT/bench.jsonl"
 }
+ab8b() {  # ab8b TAG FILE [VAR=value ...]: the 8B decode row of an A/B arm, prefixed with TAG, into $OUT/FILE
+  local tag=$1 file=$2; shift 2
+  env "$@" python3 -m ember.cli bench --json -q --synthetic llama3-8b --bpw 4.0 --head-bits 8 --prompt-len 512 \
+    --gen-len 128 2>>"$OUT/bench_err.log" | tail -1 | sed "s|^|$tag |" | tee -a "$OUT/$file"
+}
 if has h2 || has qtests; then  # the quantized-matmul GPU tests of the one-row path and mixed widths
   log "qmatmul GPU tests (one-row and mixed)"
   timeout "${QTEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider \
@@ -66,8 +71,7 @@ fi
 if has h2; then  # packed-half decode (kernels/qmatmul_h2.py): A/B against the fp32 decode
   log "8B decode, EMBER_H2=0 (fp32 decode) / 1 (packed halves)"
   for m in 0 1; do
-    EMBER_H2=$m python3 -m ember.cli bench --json -q --synthetic llama3-8b --bpw 4.0 --head-bits 8 \
-      --prompt-len 512 --gen-len 128 2>>"$OUT/bench_err.log" | tail -1 | sed "s/^/h2=$m /" | tee -a "$OUT/h2.txt"
+    ab8b "h2=$m" h2.txt EMBER_H2=$m
   done
   for bpw in 2.5 3.0; do bench --synthetic llama3-8b --bpw $bpw --head-bits 8 --prompt-len 512 --gen-len 128; done
   log "qmatmul batch 1, EMBER_H2=0 / 1"
@@ -76,8 +80,7 @@ fi
 if has fuse; then  # the fused decode layer (models/llama.py, kernels/epilogue.py): A/B in one call
   log "8B decode, EMBER_FUSE=0 (separate norm / SiLU / rope / merge kernels) / 1 (fused)"
   for m in 0 1 0 1; do
-    EMBER_FUSE=$m python3 -m ember.cli bench --json -q --synthetic llama3-8b --bpw 4.0 --head-bits 8 \
-      --prompt-len 512 --gen-len 128 2>>"$OUT/bench_err.log" | tail -1 | sed "s/^/fuse=$m /" | tee -a "$OUT/fuse.txt"
+    ab8b "fuse=$m" fuse.txt EMBER_FUSE=$m
   done
 fi
 if has stages; then  # one-row matmul variants (qmatmul.py, qmatmul_kernels._loop_fma): A/B in one call
@@ -87,10 +90,7 @@ if has stages; then  # one-row matmul variants (qmatmul.py, qmatmul_kernels._loo
   log "8B decode by one-row matmul variant (${GEMV_ARMS:=-/-/- -/-/3 -/-/- -/-/3})"
   for arm in $GEMV_ARMS; do
     arms "$arm"
-    EMBER_GEMV_STAGES=$st EMBER_GEMV_PER_SM=$ps EMBER_GEMV_WIDE_STAGES=$ws python3 -m ember.cli bench --json -q \
-      --synthetic llama3-8b --bpw 4.0 --head-bits 8 --prompt-len 512 --gen-len 128 2>>"$OUT/bench_err.log" \
-      | tail -1 | sed "s|^|arm=$arm |" | tee -a "$OUT/stages.txt" \
-      | grep -o '^arm=[^ ]*\|"prefill_tok_s": [0-9.]*\|"decode_tok_s": [0-9.]*' | tr '\n' ' '; echo
+    ab8b "arm=$arm" stages.txt EMBER_GEMV_STAGES=$st EMBER_GEMV_PER_SM=$ps EMBER_GEMV_WIDE_STAGES=$ws
   done
   if has stagetable; then
     for arm in $GEMV_ARMS; do
@@ -99,12 +99,10 @@ if has stages; then  # one-row matmul variants (qmatmul.py, qmatmul_kernels._loo
     done
   fi
 fi
-if has async; then  # the pipelined streaming decode (engine/runner.py launch / collect): A/B in one call
+if has async; then  # the pipelined streaming decode (engine/runner.py greedy_tokens): A/B in one call
   log "8B decode, EMBER_ASYNC_DECODE=0 (step, then read) / 1 (next step queued before the read)"
   for m in 0 1 0 1; do
-    EMBER_ASYNC_DECODE=$m python3 -m ember.cli bench --json -q --synthetic llama3-8b --bpw 4.0 --head-bits 8 \
-      --prompt-len 512 --gen-len 128 2>>"$OUT/bench_err.log" | tail -1 | sed "s/^/async=$m /" | tee -a "$OUT/async.txt" \
-      | grep -o '^async=[0-9]\|"decode_tok_s": [0-9.]*' | tr '\n' ' '; echo
+    ab8b "async=$m" async.txt EMBER_ASYNC_DECODE=$m
   done
 fi
 if has bench8b; then
@@ -133,8 +131,7 @@ fi
 if has pdl; then
   log "PDL modes (EMBER_PDL=0 off, 1 wait at start, 2 first weight tile before the wait)"
   for m in 0 1 2; do
-    EMBER_PDL=$m python3 -m ember.cli bench --json -q --synthetic llama3-8b --bpw 4.0 --head-bits 8 \
-      --prompt-len 512 --gen-len 128 2>>"$OUT/bench_err.log" | tail -1 | sed "s/^/pdl=$m /" | tee -a "$OUT/pdl.txt"
+    ab8b "pdl=$m" pdl.txt EMBER_PDL=$m
   done
 fi
 if has profile; then
