@@ -22,7 +22,7 @@
 #   (`core` and `noqm` are accepted for the commands of earlier rounds: core = without full, noqm = no table;
 #   nogptq: bench8b without ember's run of the GPTQ folder.)
 #
-# Needs, carried in the ignored .whl/ folder: gguf-0.19.0 (tests), and for `exl2`/`bench70b`: exllamav2-0.3.2,
+# Needs, carried in the ignored .whl/ folder: gguf-0.19.0 (tests), pytest-xdist + execnet (optional, tests), and for `exl2`/`bench70b`: exllamav2-0.3.2,
 # rich, pygments, markdown-it-py, mdurl (see bench/baselines/README.md). Python/torch/triton: the machine's own.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
@@ -170,7 +170,10 @@ if has attn; then
 fi
 if has tests; then
   log "GPU tests"
-  timeout ${TEST_TIMEOUT:-900} python3 -m pytest -q -m gpu -p no:cacheprovider --durations=12 tests 2>&1 \
+  # the suite is bound by Triton's JIT compiles on the host: spread it over TEST_WORKERS processes (pytest-xdist,
+  # carried in .whl/) when it is there; one GPU holds them all (small shapes)
+  xd=; python3 -c "import xdist" 2>/dev/null && xd="-n ${TEST_WORKERS:-8}"
+  timeout ${TEST_TIMEOUT:-900} python3 -m pytest -q -m gpu -p no:cacheprovider $xd --durations=12 tests 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -22
 fi
 log "done"
