@@ -83,8 +83,12 @@ def main() -> None:
     p.add_argument("--stages", type=int, default=1, help="pipelining depth of the one-row loop (default 1: none)")
     p.add_argument("--zeros", action="store_true", help="asymmetric zeros, permutation and groups of 32")
     p.add_argument("--dot", action="store_true", help="the multi-row tl.dot path (16-row tiles)")
+    p.add_argument("--dump", help="also write the whole SASS to this file")
     args = p.parse_args()
     ptx, sass, res, shared = compile_kernel(args)
+    if args.dump:
+        with open(args.dump, "w") as f:
+            f.write(sass)
     regs = re.search(r"REG:(\d+)", res)
     print(f"triton {triton.__version__}, sm_90: registers {regs.group(1) if regs else '?'}, shared memory "
           f"{shared} bytes")

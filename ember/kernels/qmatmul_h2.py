@@ -72,18 +72,20 @@ def _step(acc, src1, src2, M1: tl.constexpr, M2: tl.constexpr, F: tl.constexpr, 
 
 
 @triton.jit
-def plane2_rows(q_ptr, row, offs_n, n_mask, N, P1: tl.constexpr, P2: tl.constexpr):
-    """Second-plane words lined up with the first plane's 2*P1 word rows: input j*2P1 + t of the first plane
-    sits in second-plane word t % 2P2 at slot j*(P1/P2) + t // 2P2, and its partner (slot j + 16/P1) at
-    that slot + 16/P2, the same bit of the high half. Row t is that word shifted right (logically) by
-    (t // 2P2) * P2, so both planes have the pair at the same bit offset j*P1 for every row: (2P1, BN) int32."""
-    t = tl.arange(0, 2 * P1)
+def plane2_rows(q_ptr, row, offs_n, n_mask, N, P1: tl.constexpr, P2: tl.constexpr, T0: tl.constexpr,
+                ROWS: tl.constexpr):
+    """Second-plane words lined up with first-plane word rows T0 .. T0 + ROWS of a block: input j*2P1 + t of
+    the first plane sits in second-plane word t % 2P2 at slot j*(P1/P2) + t // 2P2, and its partner (slot
+    j + 16/P1) at that slot + 16/P2, the same bit of the high half. Row t is that word shifted right
+    (logically) by (t // 2P2) * P2, so both planes have the pair at the same bit offset j*P1 for every row:
+    (ROWS, BN) int32."""
+    t = T0 + tl.arange(0, ROWS)
     w = tl.load(q_ptr + (row + t % (2 * P2))[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
     return (w.to(tl.uint32, bitcast=True) >> ((t // (2 * P2)) * P2)[:, None]).to(tl.int32, bitcast=True)
 
 
 @triton.jit
-def _halves(acc, ASM: tl.constexpr):
+def halves(acc, ASM: tl.constexpr):
     """f16x2 accumulator -> its (low, high) halves as fp32."""
     if ASM:
         lo, hi = tl.inline_asm_elementwise(
@@ -96,14 +98,31 @@ def _halves(acc, ASM: tl.constexpr):
 
 
 @triton.jit
-def plane_part_h2(w, w2, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr, P: tl.constexpr, P2: tl.constexpr,
-                  Z: tl.constexpr, HAS_PERM: tl.constexpr, SUM_X: tl.constexpr, ASM: tl.constexpr):
-    """One block of 64 inputs at kb: first-plane words w (2P, BN) and, when P2 > 0, the second plane lined
-    up by plane2_rows (w2, (2P, BN)) -> (lo, hi, sx_lo, sx_hi):
-    lo / hi (2P, BN) fp32 = sum of (v - Z) / 16 * x over each word's slots of inputs 0..31 / 32..63, v the
-    whole code (first plane + 2^P * second plane); sx_lo / sx_hi: the sums of those inputs (fp32 scalars,
-    when SUM_X; for the zero-point correction). x is fp16; ones is the runtime -1 (the fp16 magic built from
-    it stays in a register: with the mask also an immediate, ptxas would re-materialize one per LOP3)."""
+def _x_pairs(xw, E0: tl.constexpr, ROWS: tl.constexpr, ASM: tl.constexpr):
+    """(ROWS,) int32: the fp16 pairs (x[E0 + t], x[E0 + 32 + t]) of a block whose x is read as int32 words at
+    xw (each word two neighbouring inputs; E0 even): one PRMT per pair picks the low or the high halves of
+    two words (the fp16 loads and their LOP3 + LEA packing took twice the instructions)."""
+    x32 = xw + (E0 // 2 + tl.arange(0, ROWS // 2))
+    a = tl.load(x32)  # (ROWS/2,) words of inputs e0 + 2k, e0 + 2k + 1
+    b = tl.load(x32 + 16)  # the same 32 inputs further on
+    if ASM:
+        even = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x5410;", "=r,r,r", [a, b], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+        odd = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r", [a, b], dtype=tl.int32,
+                                        is_pure=True, pack=1)
+    else:
+        even = (a & 0xFFFF) | (b << 16)
+        odd = ((a >> 16) & 0xFFFF) | (b & -65536)
+    return tl.interleave(even, odd)
+
+
+@triton.jit
+def _rows_part(acc, w, w2, x_ptr, xw, perm_ptr, kb, ROW0: tl.constexpr, magic, sx_lo, sx_hi, P: tl.constexpr, P2: tl.constexpr,
+               Z: tl.constexpr, ROWS: tl.constexpr, HAS_PERM: tl.constexpr, SUM_X: tl.constexpr,
+               ASM: tl.constexpr):
+    """acc (ROWS, BN) f16x2 += the products of word rows row0 .. row0 + ROWS of a block of 64 at kb (first-plane
+    words w, second plane lined up w2; x at x_ptr, or as int32 words from xw = x_ptr + kb; see
+    plane_part_h2)."""
     V: tl.constexpr = 32 // P
     R: tl.constexpr = 2 * P
     H: tl.constexpr = V // 2
@@ -117,29 +136,63 @@ def plane_part_h2(w, w2, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr, P: tl.cons
         w2u = w2.to(tl.uint32, bitcast=True)
         w2d = (w2u << P).to(tl.int32, bitcast=True)
         w28 = ((w2u >> 8) << P).to(tl.int32, bitcast=True)
-    magic = ones & 0x64006400
-    acc = tl.zeros((R, BN), tl.int32)
-    sx_lo = 0.0
-    sx_hi = 0.0
-    xrow = x_ptr + kb + tl.arange(0, R)  # one 64-bit address per thread; the slots add constant offsets
     for j in tl.static_range(H):
         S = j * P
-        if HAS_PERM:
-            ia = kb + j * R + tl.arange(0, R)
-            xa = tl.load(x_ptr + tl.load(perm_ptr + ia))
-            xb = tl.load(x_ptr + tl.load(perm_ptr + ia + H * R))
+        E0 = j * R + ROW0  # inputs kb + E0 + t (low halves) and kb + E0 + 32 + t (high halves)
+        if HAS_PERM or SUM_X:
+            ia = kb + E0 + tl.arange(0, ROWS)
+            if HAS_PERM:
+                xa = tl.load(x_ptr + tl.load(perm_ptr + ia))
+                xb = tl.load(x_ptr + tl.load(perm_ptr + ia + 32))
+            else:
+                xa = tl.load(x_ptr + ia)
+                xb = tl.load(x_ptr + ia + 32)
+            if SUM_X:
+                sx_lo += tl.sum(xa.to(tl.float32))
+                sx_hi += tl.sum(xb.to(tl.float32))
+            xp = (_bits16(xa) | (_bits16(xb) << 16))[:, None]
         else:
-            xa = tl.load(xrow + j * R)
-            xb = tl.load(xrow + (j + H) * R)
-        if SUM_X:
-            sx_lo += tl.sum(xa.to(tl.float32))
-            sx_hi += tl.sum(xb.to(tl.float32))
-        xp = (_bits16(xa) | (_bits16(xb) << 16))[:, None]
+            xp = _x_pairs(xw, E0, ROWS, ASM)[:, None]
         if S + B <= 10:
             acc = _step(acc, w, w2d, (M << S) | (M << (S + 16)), (M2 << (S + P)) | (M2 << (S + P + 16)),
                         1.0 / (1 << (S + 4)), -(1024.0 + Z * (1 << S)) / (1 << (S + 4)), xp, magic, P2 > 0, ASM)
         else:
             acc = _step(acc, w8, w28, (M << (S - 8)) | (M << (S + 8)), (M2 << (S - 8 + P)) | (M2 << (S + 8 + P)),
                         1.0 / (1 << (S - 4)), -(1024.0 + Z * (1 << (S - 8))) / (1 << (S - 4)), xp, magic, P2 > 0, ASM)
-    lo, hi = _halves(acc, ASM)
-    return lo, hi, sx_lo, sx_hi
+    return acc, sx_lo, sx_hi
+
+
+@triton.jit
+def plane_part_h2(w, wb, w2, w2b, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr, P: tl.constexpr, P2: tl.constexpr,
+                  Z: tl.constexpr, SPLIT: tl.constexpr, HAS_PERM: tl.constexpr, SUM_X: tl.constexpr,
+                  ASM: tl.constexpr):
+    """One block of 64 inputs at kb -> (acc, sx_lo, sx_hi). First-plane words: w (2P, BN), or with SPLIT its
+    rows 0..P-1 in w and P..2P-1 in wb; the second plane (P2 > 0) lined up by plane2_rows the same way (w2,
+    w2b). acc (2P or P with SPLIT, BN) int32 holds f16x2 sums of (v - Z) / 16 * x: the low halves over
+    inputs 0..31, the high halves over 32..63, v the whole code (first plane + 2^P * second plane). SPLIT
+    (4-bit first plane) sums both row halves into one accumulator, 8 products per half as ExLlamaV2 does,
+    which halves the fp16 -> fp32 conversions. sx_lo / sx_hi: the sums of those inputs (fp32 scalars, when
+    SUM_X; for the zero-point correction). x is fp16; ones is the runtime -1 (the fp16 magic built from it
+    stays in a register: with the mask also an immediate, ptxas would re-materialize one per LOP3)."""
+    ROWS: tl.constexpr = P if SPLIT else 2 * P
+    magic = ones & 0x64006400
+    acc = tl.zeros((ROWS, BN), tl.int32)
+    sx_lo = 0.0
+    sx_hi = 0.0
+    xw = x_ptr.to(tl.pointer_type(tl.int32)) + kb // 2  # (kb: a multiple of 64)
+    acc, sx_lo, sx_hi = _rows_part(acc, w, w2, x_ptr, xw, perm_ptr, kb, 0, magic, sx_lo, sx_hi, P, P2, Z, ROWS,
+                                   HAS_PERM, SUM_X, ASM)
+    if SPLIT:
+        acc, sx_lo, sx_hi = _rows_part(acc, wb, w2b, x_ptr, xw, perm_ptr, kb, P, magic, sx_lo, sx_hi, P, P2, Z, ROWS,
+                                       HAS_PERM, SUM_X, ASM)
+    return acc, sx_lo, sx_hi
+
+
+@triton.jit
+def halves_sum(acc, ASM: tl.constexpr):
+    """f16x2 accumulator -> low + high half, added in fp16 and returned as fp32 (one scale for both)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 l, h; mov.b32 {l, h}, $1; add.rn.f16 l, l, h; cvt.f32.f16 $0, l; }",
+            "=f,r", [acc], dtype=tl.float32, is_pure=True, pack=1)
+    return (_from16(acc) + _from16(acc >> 16)).to(tl.float16).to(tl.float32)
