@@ -65,14 +65,14 @@ def _switches() -> dict:
     packed-half decode (ember_h2) applies only where the row's dtype is float16."""
     from ember.engine.runner import async_decode
     from ember.kernels import ops
-    from ember.kernels.qmatmul import DEFAULTS
+    from ember.kernels.qmatmul import DEFAULTS, WIDE_STAGES
 
     env = os.environ.get
     return dict(ember_fuse=int(ops.fuse_enabled()), ember_h2=int(env("EMBER_H2", "1") != "0"),
                 ember_pdl=int(env("EMBER_PDL", "2")),
                 ember_gemv_stages=int(env("EMBER_GEMV_STAGES") or DEFAULTS["gemv"][2]),
                 ember_gemv_per_sm=int(env("EMBER_GEMV_PER_SM") or 0),  # 0: the launch tables' own
-                ember_gemv_wide_stages=int(env("EMBER_GEMV_WIDE_STAGES") or 0),  # 0: the launch tables' own
+                ember_gemv_wide_stages=int(env("EMBER_GEMV_WIDE_STAGES") or WIDE_STAGES),
                 ember_async_decode=int(async_decode()))
 
 

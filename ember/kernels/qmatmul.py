@@ -69,10 +69,11 @@ class QMatmulPlan:
 # and the small matrices were slower at 3, docs/dev/qmatmul-notes.md). EMBER_GEMV_STAGES / _PER_SM /
 # _WIDE_STAGES override them for A/B runs.
 DEFAULTS = {"gemv": (512, 4, 1, 8), "small": (64, 4, 2, 4), "large": (64, 4, 2, 2)}
-# Wide outputs (gate/up, the head) gained from a pipelined loop at the default config in call G1 (4096x28672 at
-# 4-8 bits 5-11% faster with 3 stages, the 8-bit head 4%), the small matrices lost; not yet measured in the
-# model, so EMBER_GEMV_WIDE_STAGES (stages for one-row launches with N >= WIDE_N and no TUNED entry) is off.
+# Wide outputs (gate/up, the head) are pipelined WIDE_STAGES deep when they have no TUNED entry: 8B decode
+# 454.8 / 454.0 tok/s against 430.2 / 429.3 unpipelined (call H1, docs/benchmarks.md); the small matrices
+# lose from it (call G1), so they keep the default. EMBER_GEMV_WIDE_STAGES overrides it (1 = off).
 WIDE_N = 16384
+WIDE_STAGES = 3
 # Per-shape entries from the H100 sweep with the packed-half decode (scripts/sweep_qmatmul.py, call 4 in
 # docs/benchmarks.md) where the best config beat the default by more than 2%.
 TUNED: dict[tuple[int, int, int, str], tuple[int, ...]] = {
@@ -115,7 +116,7 @@ def _launch(segments, K: int, N: int, mode: str, device: torch.device, tiles: in
     bn, warps, stages, per_sm, *bm = config or TUNED.get((K, N, bits, mode), DEFAULTS[mode])
     if mode == "gemv" and config is None:  # A/B runs (gpu_check.sh)
         if N >= WIDE_N and (K, N, bits, mode) not in TUNED:
-            stages = int(os.environ.get("EMBER_GEMV_WIDE_STAGES") or stages)
+            stages = int(os.environ.get("EMBER_GEMV_WIDE_STAGES") or WIDE_STAGES)
         stages = int(os.environ.get("EMBER_GEMV_STAGES") or stages)
         per_sm = int(os.environ.get("EMBER_GEMV_PER_SM") or per_sm)
     if tiles is None:  # enough programs to fill the GPU: col blocks * splits ~ per_sm * SMs

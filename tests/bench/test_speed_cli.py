@@ -31,11 +31,12 @@ def test_bench_json_line(folder, capsys, monkeypatch):
     assert row["prefill_tok_s"] > 0 and row["decode_tok_s"] > 0 and row["prefill_graph"] is False
     assert row["ember_fuse"] == 1 and row["ember_h2"] == 1  # the kernel switches of the run
     assert row["dtype"] == "float32" and row["ember_gemv_stages"] == 1  # CPU default; no A/B switch set
+    assert row["ember_async_decode"] == 1  # default: the pipelined decode loop (runner.launch / collect)
     monkeypatch.setenv("EMBER_FUSE", "0")
-    monkeypatch.setenv("EMBER_ASYNC_DECODE", "1")  # the pipelined decode loop (runner.launch / collect)
+    monkeypatch.setenv("EMBER_ASYNC_DECODE", "0")  # one step, then its read
     assert main([*args, "--json", "-q"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert row["ember_fuse"] == 0 and row["ember_async_decode"] == 1 and row["decode_tok_s"] > 0
+    assert row["ember_fuse"] == 0 and row["ember_async_decode"] == 0 and row["decode_tok_s"] > 0
     assert main([*args, "-q"]) == 0
     out = capsys.readouterr().out
     assert "prefill" in out and "decode" in out and "tok/s" in out and "{" not in out

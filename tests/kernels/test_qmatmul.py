@@ -287,17 +287,18 @@ def test_launch_tables_are_valid():
 
 
 def test_gemv_switches_for_ab_runs(monkeypatch):
-    """EMBER_GEMV_WIDE_STAGES pipelines only wide one-row launches (N >= WIDE_N, no TUNED entry);
-    EMBER_GEMV_STAGES / _PER_SM override every one-row launch; the defaults stay unpipelined."""
-    from ember.kernels.qmatmul import TUNED, WIDE_N, _launch
+    """Wide one-row launches (N >= WIDE_N, no TUNED entry) are pipelined WIDE_STAGES deep, the others not;
+    EMBER_GEMV_WIDE_STAGES overrides the wide ones (1 = off); EMBER_GEMV_STAGES / _PER_SM every one-row launch."""
+    from ember.kernels.qmatmul import TUNED, WIDE_N, WIDE_STAGES, _launch
 
     def launch(K, N):
         return _launch([[0, K, 4, 128, 0, 0]], K, N, "gemv", torch.device("cpu"), None, None)
 
     assert (4096, WIDE_N, 4, "gemv") not in TUNED and (4096, 4096, 4, "gemv") not in TUNED
-    assert launch(4096, WIDE_N).num_stages == launch(4096, 4096).num_stages == 1
-    monkeypatch.setenv("EMBER_GEMV_WIDE_STAGES", "3")
-    assert launch(4096, WIDE_N).num_stages == 3 and launch(4096, 4096).num_stages == 1
+    assert WIDE_STAGES > 1 and launch(4096, WIDE_N).num_stages == WIDE_STAGES
+    assert launch(4096, WIDE_N - 1).num_stages == launch(4096, 4096).num_stages == 1
+    monkeypatch.setenv("EMBER_GEMV_WIDE_STAGES", "1")
+    assert launch(4096, WIDE_N).num_stages == 1
     monkeypatch.setenv("EMBER_GEMV_STAGES", "2")
     monkeypatch.setenv("EMBER_GEMV_PER_SM", "1")  # 1 program per SM on the CPU's "2 SMs": 2 splits of 32 tiles
     assert launch(4096, WIDE_N).num_stages == launch(4096, 4096).num_stages == 2
