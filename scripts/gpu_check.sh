@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command run on the GPU machine (device tool): GPU tests + benchmarks, results under $OUT.
 #
-#   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [stages] [stagetable] [async] [bench8b] [quick] [full] [exl2]
+#   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [stages] [stagetable] [base] [async] [bench8b] [quick] [full] [exl2]
 #                        [attn] [gptq8b] [bench70b] [bpw] [pdl] [profile] [sweep] [prefillgemm] [tests]
 #   (default: tests bench8b exl2). Run it under `timeout N` to fit a device call: timeout signals the whole
 #   process group, and on TERM the script stops what it started and still packs $OUT for the return trip.
@@ -10,6 +10,9 @@
 #   the fused decode layer off / on twice (EMBER_FUSE=0/1); stages: 8B decode for each one-row matmul variant
 #   in GEMV_ARMS (stagetable: also the batch-1 qmatmul table of each); async: 8B decode with the pipelined
 #   streaming loop off / on twice (EMBER_ASYNC_DECODE=0/1); tests: the whole -m gpu suite, last.
+# base: 8B decode of an earlier tree unpacked into .base/ (with its commit in .base/REV; carry it) against this
+#   one, BASE_ARMS "tree/wide stages" alternating, then BASE_BPW widths on both (the same-call baseline of a
+#   kernel change).
 # bench8b: copy bandwidth and the 8B runs the acceptance names (4.0 bpw at 512 and 2048 tokens, the GPTQ
 #   folder ExLlamaV2 runs); quick: the batch-1 qmatmul table (--quick; qtable: the whole table);
 #   full: also a 6- and a 16-bit head, 2.5-6.0 bpw, the GPTQ folder at 2048, batch 8 and 32, the profile.
@@ -60,8 +63,8 @@ bench() {  # ember bench ... -> one JSON line appended to bench.jsonl
 }
 ab8b() {  # ab8b TAG FILE [VAR=value ...]: the 8B decode row of an A/B arm, prefixed with TAG, into $OUT/FILE
   local tag=$1 file=$2; shift 2
-  env "$@" python3 -m ember.cli bench --json -q --synthetic llama3-8b --bpw 4.0 --head-bits 8 --prompt-len 512 \
-    --gen-len 128 2>>"$OUT/bench_err.log" | tail -1 | sed "s|^|$tag |" | tee -a "$OUT/$file"
+  env "$@" python3 -m ember.cli bench --json -q --synthetic llama3-8b --bpw ${AB_BPW:-4.0} --head-bits 8 \
+    --prompt-len 512 --gen-len 128 2>>"$OUT/bench_err.log" | tail -1 | sed "s|^|$tag |" | tee -a "$OUT/$file"
 }
 if has h2 || has qtests; then  # the quantized-matmul GPU tests of the one-row path and mixed widths
   log "qmatmul GPU tests (one-row and mixed)"
@@ -98,6 +101,18 @@ if has stages; then  # one-row matmul variants (qmatmul.py, qmatmul_kernels._loo
       EMBER_GEMV_STAGES=$st EMBER_GEMV_PER_SM=$ps EMBER_GEMV_WIDE_STAGES=$ws python3 scripts/bench_qmatmul.py --quick > "$f" 2>&1
     done
   fi
+fi
+if has base && [ -d .base ]; then  # this tree against an earlier one (git archive REV | tar -x -C .base, carried)
+  log "8B decode: .base ($(cat .base/REV 2>/dev/null)) against this tree, arms tree/wide stages (${BASE_ARMS:=base/1 new/1 base/3 new/3 base/1 new/1 base/3 new/3})"
+  for arm in $BASE_ARMS; do
+    IFS=/ read -r tree ws <<< "$arm"
+    if [ "$tree" = base ]; then (cd .base && export PYTHONPATH=/tmp/site:$PWD && ab8b "arm=$arm" base.txt EMBER_GEMV_WIDE_STAGES=$ws)
+    else ab8b "arm=$arm" base.txt EMBER_GEMV_WIDE_STAGES=$ws; fi
+  done
+  for bpw in ${BASE_BPW:-}; do  # other widths, both trees
+    (cd .base && export PYTHONPATH=/tmp/site:$PWD && AB_BPW=$bpw ab8b "bpw=$bpw base" base.txt)
+    AB_BPW=$bpw ab8b "bpw=$bpw new" base.txt
+  done
 fi
 if has async; then  # the pipelined streaming decode (engine/runner.py greedy_tokens): A/B in one call
   log "8B decode, EMBER_ASYNC_DECODE=0 (step, then read) / 1 (next step queued before the read)"
