@@ -11,7 +11,8 @@
 #   in GEMV_ARMS (stagetable: also the batch-1 qmatmul table of each); async: 8B decode with the pipelined
 #   streaming loop off / on twice (EMBER_ASYNC_DECODE=0/1); tests: the whole -m gpu suite, last.
 # base: 8B decode of an earlier tree unpacked into .base/ (with its commit in .base/REV; carry it) against this
-#   one, BASE_ARMS "tree/wide stages" alternating, then BASE_BPW widths on both (the same-call baseline of a
+#   one, BASE_ARMS "tree/wide stages" alternating, then BASE_BPW widths on both, all with EMBER_ASYNC_DECODE=1
+#   (the same-call baseline of a
 #   kernel change).
 # bench8b: copy bandwidth and the 8B runs the acceptance names (4.0 bpw at 512 and 2048 tokens, the GPTQ
 #   folder ExLlamaV2 runs); quick: the batch-1 qmatmul table (--quick; qtable: the whole table);
@@ -106,12 +107,12 @@ if has base && [ -d .base ]; then  # this tree against an earlier one (git archi
   log "8B decode: .base ($(cat .base/REV 2>/dev/null)) against this tree, arms tree/wide stages (${BASE_ARMS:=base/1 new/1 base/3 new/3 base/1 new/1 base/3 new/3})"
   for arm in $BASE_ARMS; do
     IFS=/ read -r tree ws <<< "$arm"
-    if [ "$tree" = base ]; then (cd .base && export PYTHONPATH=/tmp/site:$PWD && ab8b "arm=$arm" base.txt EMBER_GEMV_WIDE_STAGES=$ws)
-    else ab8b "arm=$arm" base.txt EMBER_GEMV_WIDE_STAGES=$ws; fi
+    if [ "$tree" = base ]; then (cd .base && export PYTHONPATH=/tmp/site:$PWD && ab8b "arm=$arm" base.txt EMBER_GEMV_WIDE_STAGES=$ws EMBER_ASYNC_DECODE=1)
+    else ab8b "arm=$arm" base.txt EMBER_GEMV_WIDE_STAGES=$ws EMBER_ASYNC_DECODE=1; fi
   done
   for bpw in ${BASE_BPW:-}; do  # other widths, both trees
-    (cd .base && export PYTHONPATH=/tmp/site:$PWD && AB_BPW=$bpw ab8b "bpw=$bpw base" base.txt)
-    AB_BPW=$bpw ab8b "bpw=$bpw new" base.txt
+    (cd .base && export PYTHONPATH=/tmp/site:$PWD && AB_BPW=$bpw ab8b "bpw=$bpw base" base.txt EMBER_ASYNC_DECODE=1)
+    AB_BPW=$bpw ab8b "bpw=$bpw new" base.txt EMBER_ASYNC_DECODE=1
   done
 fi
 if has async; then  # the pipelined streaming decode (engine/runner.py greedy_tokens): A/B in one call
