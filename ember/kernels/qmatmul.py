@@ -165,7 +165,7 @@ def _workspace(device: torch.device, numel: int, counters: int) -> tuple[torch.T
     return ws[-1]
 
 
-ONE_PLANE = (1 << 2, 1 << 4, 1 << 8)  # `widths` of a matrix of one width stored in one bit plane
+ONE_PLANE = (1 << 2, 1 << 3, 1 << 4, 1 << 8)  # `widths` of a matrix of one width stored in one bit plane
 
 
 def _pdl_kwargs(plan: QMatmulPlan, device: torch.device) -> dict:

@@ -8,12 +8,14 @@ matrices issue-bound (docs/dev/qmatmul-notes.md). Here a plane word of width P y
   higher up are taken from word >> 8, at S - 8);
 - HFMA2 by 2^(-S-4) minus (1024 + Z * 2^S) * 2^(-S-4): (v - Z) / 16 exactly (small integers times a power
   of two). Z centres the code at 2^(bits-1); the 1/16 keeps the fp16 sums far from overflow. A second plane
-  (3, 5, 6 bits) is lined up with the first (`plane2_rows`) and shifted just above its bits, so a second
+  (5, 6 bits) is lined up with the first (`plane2_rows`) and shifted just above its bits, so a second
   LOP3 completes the code in the same pair: 4 instructions per two weights instead of 6 for two passes;
-- HFMA2 with the matching pair of inputs (x[j*R + t], x[(j + V/2)*R + t]) into an f16x2 accumulator.
-One word's products are summed in fp16 (4 per half at 4 bits, 8 at 2 bits, 16 at 1 bit), then converted to
-fp32; everything after (scales, the zero-point correction, split-K) stays fp32. ExLlamaV2 accumulates 8
-products per half the same way.
+- HFMA2 with the matching pair of inputs (x[j*R + t], x[j*R + t + 32]) into an f16x2 accumulator; the pair
+  is one PRMT of two int32 words of x (`_x_pairs`).
+Up to 8 products per half are summed in fp16 (two word rows share an accumulator at 4 bits, `SPLIT`; 8 at
+2 bits, 5-6 in the 3-bit plane), then the halves are converted to fp32 (added in fp16 first when one scale
+covers the block); everything after (scales, the zero-point correction, split-K) stays fp32. ExLlamaV2
+accumulates 8 products per half the same way.
 
 ASM: PTX through tl.inline_asm_elementwise (GPU); off, the same arithmetic in plain Triton (the interpreter
 cannot run PTX), so CPU tests check the pairing and the constants; the GPU tests check the PTX.
@@ -117,15 +119,15 @@ def _x_pairs(xw, E0: tl.constexpr, ROWS: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _rows_part(acc, w, w2, x_ptr, xw, perm_ptr, kb, ROW0: tl.constexpr, magic, sx_lo, sx_hi, P: tl.constexpr, P2: tl.constexpr,
-               Z: tl.constexpr, ROWS: tl.constexpr, HAS_PERM: tl.constexpr, SUM_X: tl.constexpr,
-               ASM: tl.constexpr):
-    """acc (ROWS, BN) f16x2 += the products of word rows row0 .. row0 + ROWS of a block of 64 at kb (first-plane
+def _rows_part(acc, w, w2, x_ptr, xw, perm_ptr, kb, ROW0: tl.constexpr, magic, sx_lo, sx_hi, P: tl.constexpr,
+               P2: tl.constexpr, Z: tl.constexpr, ROWS: tl.constexpr, HAS_PERM: tl.constexpr, SUM_X: tl.constexpr,
+               ASM: tl.constexpr, SLOTS: tl.constexpr = 0):
+    """acc (ROWS, BN) f16x2 += the products of word rows ROW0 .. ROW0 + ROWS of a block of 64 at kb (first-plane
     words w, second plane lined up w2; x at x_ptr, or as int32 words from xw = x_ptr + kb; see
-    plane_part_h2)."""
-    V: tl.constexpr = 32 // P
+    plane_part_h2). Field j of each half (bit j*P, j < SLOTS, default 16 // P) of row t is input j*2P + t,
+    + 32 in the high half."""
     R: tl.constexpr = 2 * P
-    H: tl.constexpr = V // 2
+    H: tl.constexpr = SLOTS if SLOTS > 0 else 16 // P
     M: tl.constexpr = (1 << P) - 1
     M2: tl.constexpr = (1 << P2) - 1
     B: tl.constexpr = P + P2  # code bits: 1024 + code * 2^S is exact while S + B <= 10
@@ -163,29 +165,70 @@ def _rows_part(acc, w, w2, x_ptr, xw, perm_ptr, kb, ROW0: tl.constexpr, magic, s
 
 
 @triton.jit
+def spare3(w0, w1, w2):
+    """The 3-bit plane's codes kept in spare bits (docs/format.md): rows 2u + t (u < 3) given as w0, w1, w2
+    (t = the tensor row) -> int32 with the code of input 30 + t in bits 0..2 and that of input 62 + t in
+    bits 16..18 (bit u from bit 15 / 31 of w_u)."""
+    b0 = (w0.to(tl.uint32, bitcast=True) >> 15) & 0x10001
+    b1 = (w1.to(tl.uint32, bitcast=True) >> 14) & 0x20002
+    b2 = (w2.to(tl.uint32, bitcast=True) >> 13) & 0x40004
+    return (b0 | b1 | b2).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _to_f32(acc, G32: tl.constexpr, ASM: tl.constexpr):
+    """f16x2 accumulator -> (lo, hi) fp32 halves with G32, else (lo + hi, unused)."""
+    if G32:
+        return halves(acc, ASM)
+    s = halves_sum(acc, ASM)
+    return s, s
+
+
+@triton.jit
 def plane_part_h2(w, wb, w2, w2b, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr, P: tl.constexpr, P2: tl.constexpr,
                   Z: tl.constexpr, SPLIT: tl.constexpr, HAS_PERM: tl.constexpr, SUM_X: tl.constexpr,
-                  ASM: tl.constexpr):
-    """One block of 64 inputs at kb -> (acc, sx_lo, sx_hi). First-plane words: w (2P, BN), or with SPLIT its
-    rows 0..P-1 in w and P..2P-1 in wb; the second plane (P2 > 0) lined up by plane2_rows the same way (w2,
-    w2b). acc (2P or P with SPLIT, BN) int32 holds f16x2 sums of (v - Z) / 16 * x: the low halves over
-    inputs 0..31, the high halves over 32..63, v the whole code (first plane + 2^P * second plane). SPLIT
-    (4-bit first plane) sums both row halves into one accumulator, 8 products per half as ExLlamaV2 does,
-    which halves the fp16 -> fp32 conversions. sx_lo / sx_hi: the sums of those inputs (fp32 scalars, when
-    SUM_X; for the zero-point correction). x is fp16; ones is the runtime -1 (the fp16 magic built from it
-    stays in a register: with the mask also an immediate, ptxas would re-materialize one per LOP3)."""
-    ROWS: tl.constexpr = P if SPLIT else 2 * P
+                  G32: tl.constexpr, ASM: tl.constexpr):
+    """One block of 64 inputs at kb -> (lo, hi, sx_lo, sx_hi): lo / hi fp32 (rows, BN) sums of
+    (v - Z) / 16 * x over inputs 0..31 / 32..63, v the whole code (first plane + 2^P * second plane); without
+    G32 lo holds both (added in fp16 first: one conversion) and hi is unused. sx_lo / sx_hi: the sums of
+    those inputs (fp32 scalars, when SUM_X; for the zero-point correction).
+    Words: w (2P, BN) and, when P2 > 0, the second plane lined up by plane2_rows (w2); with SPLIT (4-bit first
+    plane) rows 0..P-1 in w / w2 and P..2P-1 in wb / w2b, both summed into one f16x2 accumulator (8 products
+    per half, as ExLlamaV2 does: half the fp16 -> fp32 conversions); for the 3-bit plane (P = 3) rows 0-1,
+    2-3, 4-5 in w, wb, w2, each with its own accumulator (5 products per half, 6 with the spare-bit codes).
+    x is fp16; ones is the runtime -1 (the fp16 magic built from it stays in a register: with the mask also
+    an immediate, ptxas would re-materialize one per LOP3)."""
     magic = ones & 0x64006400
-    acc = tl.zeros((ROWS, BN), tl.int32)
     sx_lo = 0.0
     sx_hi = 0.0
     xw = x_ptr.to(tl.pointer_type(tl.int32)) + kb // 2  # (kb: a multiple of 64)
-    acc, sx_lo, sx_hi = _rows_part(acc, w, w2, x_ptr, xw, perm_ptr, kb, 0, magic, sx_lo, sx_hi, P, P2, Z, ROWS,
-                                   HAS_PERM, SUM_X, ASM)
-    if SPLIT:
-        acc, sx_lo, sx_hi = _rows_part(acc, wb, w2b, x_ptr, xw, perm_ptr, kb, P, magic, sx_lo, sx_hi, P, P2, Z, ROWS,
+    if P == 3:
+        acc = tl.zeros((2, BN), tl.int32)
+        acc, sx_lo, sx_hi = _rows_part(acc, w, w, x_ptr, xw, perm_ptr, kb, 0, magic, sx_lo, sx_hi, 3, 0, Z, 2,
                                        HAS_PERM, SUM_X, ASM)
-    return acc, sx_lo, sx_hi
+        sp = spare3(w, wb, w2)  # one more field per half: inputs 30 + t and 62 + t
+        acc, sx_lo, sx_hi = _rows_part(acc, sp, sp, x_ptr, xw, perm_ptr, kb, 30, magic, sx_lo, sx_hi, 3, 0, Z, 2,
+                                       HAS_PERM, SUM_X, ASM, 1)
+        lo, hi = _to_f32(acc, G32, ASM)
+        acc = tl.zeros((2, BN), tl.int32)
+        acc, sx_lo, sx_hi = _rows_part(acc, wb, wb, x_ptr, xw, perm_ptr, kb, 2, magic, sx_lo, sx_hi, 3, 0, Z, 2,
+                                       HAS_PERM, SUM_X, ASM)
+        lo1, hi1 = _to_f32(acc, G32, ASM)
+        acc = tl.zeros((2, BN), tl.int32)
+        acc, sx_lo, sx_hi = _rows_part(acc, w2, w2, x_ptr, xw, perm_ptr, kb, 4, magic, sx_lo, sx_hi, 3, 0, Z, 2,
+                                       HAS_PERM, SUM_X, ASM)
+        lo2, hi2 = _to_f32(acc, G32, ASM)
+        lo, hi = lo + lo1 + lo2, hi + hi1 + hi2
+    else:  # (Triton compiles the code after an early return too: the branches must not overlap)
+        ROWS: tl.constexpr = P if SPLIT else 2 * P
+        acc = tl.zeros((ROWS, BN), tl.int32)
+        acc, sx_lo, sx_hi = _rows_part(acc, w, w2, x_ptr, xw, perm_ptr, kb, 0, magic, sx_lo, sx_hi, P, P2, Z, ROWS,
+                                       HAS_PERM, SUM_X, ASM)
+        if SPLIT:
+            acc, sx_lo, sx_hi = _rows_part(acc, wb, w2b, x_ptr, xw, perm_ptr, kb, P, magic, sx_lo, sx_hi, P, P2, Z,
+                                           ROWS, HAS_PERM, SUM_X, ASM)
+        lo, hi = _to_f32(acc, G32, ASM)
+    return lo, hi, sx_lo, sx_hi
 
 
 @triton.jit

@@ -7,7 +7,10 @@ first plane rows and scale row, so the grid is fixed and nothing is read back on
 Decoding a plane of width P: a (R = 2P, BN) word tile shifted by j*P for j < V = 32/P gives a (V, R, BN)
 tile whose element (j, t) is input j*R + t of the block of 64. Integers become floats with the "magic
 number" trick: (v | 0x4B000000) read as float32 is 2^23 + v, and subtracting 2^23 + z gives v - z exactly,
-so the zero point costs nothing per weight (planes combine as (P1 - z) + 2^p1 * P2).
+so the zero point costs nothing per weight (planes combine as (P1 - z) + 2^p1 * P2). The 3-bit plane (6 rows
+a block, docs/format.md) is read as three (2, BN) sub-tiles, tensor sizes being powers of two, and the four
+codes kept in its spare bits are gathered by `spare3`; its many-row decode gathers each input's word
+(`_codes64_3`).
 
 Inner loops (constexpr USE_DOT):
 - FMA, one row: per plane a (V, R, BN) product with x laid out the same way, reduced over V in registers
@@ -23,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ember.kernels import pdl
-from ember.kernels.qmatmul_h2 import halves, halves_sum, plane2_rows, plane_part_h2
+from ember.kernels.qmatmul_h2 import plane2_rows, plane_part_h2, spare3
 from ember.kernels.qmatmul_store import store_tile
 
 MAGIC = tl.constexpr(8388608.0)  # 2^23
@@ -61,46 +64,51 @@ def _rows(q_ptr, row, offs_n, n_mask, N, ROWS: tl.constexpr):
 @triton.jit
 def _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN: tl.constexpr, P: tl.constexpr,
                 WITH_ZERO: tl.constexpr, Z0: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
-                HAS_G32: tl.constexpr):
-    """Partial sums (R, BN) of x * (plane - zero) over the V slots of one plane of one block of 64, for
-    inputs 0..31 (lo) and 32..63 (hi; only when HAS_G32, else everything is in lo).
+                HAS_G32: tl.constexpr, ROW0: tl.constexpr = 0, ROWS: tl.constexpr = 0, SLOTS: tl.constexpr = 0):
+    """Partial sums (ROWS, BN) of x * (plane - zero) over the slots of word rows ROW0 .. ROW0 + ROWS of one
+    plane of one block of 64 (default: all 2P rows), for inputs 0..31 (lo) and 32..63 (hi; only when
+    HAS_G32, else everything is in lo).
 
-    Slot j sits at bit S = j*P % 16 of the low or high 16-bit half of each word: (half & (mask << S)) | magic
-    is 2^23 + v * 2^S exactly (one LOP3), minus 2^23 + z * 2^S gives (v - z) * 2^S; the 2^-S goes on x,
-    which each thread loads once for all its columns."""
-    V: tl.constexpr = 32 // P
+    Each 16-bit half of a word holds SLOTS (default 16 // P) fields: field j at bit S = j*P of the low half
+    is input j*2P + t of row t, the same field of the high half that input + 32 (docs/format.md; the 3-bit
+    plane too, whose rows are handled in sub-tiles of 2). (half & (mask << S)) | magic is 2^23 + v * 2^S
+    exactly (one LOP3), minus 2^23 + z * 2^S gives (v - z) * 2^S; the 2^-S goes on x, which each thread
+    loads once for all its columns."""
     R: tl.constexpr = 2 * P
+    NR: tl.constexpr = ROWS if ROWS > 0 else R
+    H: tl.constexpr = SLOTS if SLOTS > 0 else 16 // P
     w_hi = w >> 16
-    part_lo = tl.zeros((R, BN), tl.float32)
-    part_hi = tl.zeros((R, BN), tl.float32)
-    for j in tl.static_range(V):
-        S = (j * P) % 16
-        if j * P < 16:
-            h = w
-        else:
-            h = w_hi
-        # the mask comes from the runtime `ones` (== -1) so it stays in a register: with two immediates
-        # ptxas re-materializes one constant per LOP3
-        f = ((h & ((ones & ((1 << P) - 1)) << S)) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + v*2^S
-        if WITH_ZERO:
-            if HAS_ZEROS:
-                if HAS_G32 and j >= V // 2:
-                    f = f - (z_hi * (1 << S) + MAGIC)[None, :]
-                else:
-                    f = f - (z_lo * (1 << S) + MAGIC)[None, :]
+    part_lo = tl.zeros((NR, BN), tl.float32)
+    part_hi = tl.zeros((NR, BN), tl.float32)
+    for half in tl.static_range(2):
+        for j in tl.static_range(H):
+            S = j * P
+            if half == 0:
+                h = w
             else:
-                f = f - (MAGIC + Z0 * (1 << S))
-        else:
-            f = f - MAGIC
-        idx = kb + j * R + tl.arange(0, R)
-        if HAS_PERM:
-            idx = tl.load(perm_ptr + idx)
-        xj = tl.load(x_ptr + idx).to(tl.float32)  # (R,)
-        xj = xj * (1.0 / (1 << S))
-        if HAS_G32 and j >= V // 2:
-            part_hi += xj[:, None] * f
-        else:
-            part_lo += xj[:, None] * f
+                h = w_hi
+            # the mask comes from the runtime `ones` (== -1) so it stays in a register: with two immediates
+            # ptxas re-materializes one constant per LOP3
+            f = ((h & ((ones & ((1 << P) - 1)) << S)) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + v*2^S
+            if WITH_ZERO:
+                if HAS_ZEROS:
+                    if HAS_G32 and half == 1:
+                        f = f - (z_hi * (1 << S) + MAGIC)[None, :]
+                    else:
+                        f = f - (z_lo * (1 << S) + MAGIC)[None, :]
+                else:
+                    f = f - (MAGIC + Z0 * (1 << S))
+            else:
+                f = f - MAGIC
+            idx = kb + j * R + ROW0 + 32 * half + tl.arange(0, NR)
+            if HAS_PERM:
+                idx = tl.load(perm_ptr + idx)
+            xj = tl.load(x_ptr + idx).to(tl.float32)  # (NR,)
+            xj = xj * (1.0 / (1 << S))
+            if HAS_G32 and half == 1:
+                part_hi += xj[:, None] * f
+            else:
+                part_lo += xj[:, None] * f
     return part_lo, part_hi
 
 
@@ -108,19 +116,32 @@ def _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN: tl.constexpr, P: t
 def _tile_fma(a1, a2, zc, w1, w1b, w2, w2b, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr,
               P1: tl.constexpr, P2: tl.constexpr, Z0: tl.constexpr, HAS_ZEROS: tl.constexpr,
               HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, H2: tl.constexpr):
-    """Accumulate one block of 64 inputs (plane words w1 / w2, the row halves w1b / w2b (_tile_load), group
-    scales) into a1 / a2; with H2 (packed halves, qmatmul_h2.py) the first plane is centred at Z0 and zc
-    collects (z - Z0) * s * sum(x)."""
+    """Accumulate one block of 64 inputs (the words _tile_load gives, group scales) into a1 / a2; with H2
+    (packed halves, qmatmul_h2.py) the first plane is centred at Z0 and zc collects (z - Z0) * s * sum(x)."""
     if H2:
-        acc, sx_lo, sx_hi = plane_part_h2(w1, w1b, w2, w2b, x_ptr, perm_ptr, kb, ones, BN, P1, P2, Z0,
-                                          H2 != 0 and P1 == 4, HAS_PERM, HAS_ZEROS, H2 == 2)
+        lo, hi, sx_lo, sx_hi = plane_part_h2(w1, w1b, w2, w2b, x_ptr, perm_ptr, kb, ones, BN, P1, P2, Z0,
+                                             H2 != 0 and P1 == 4, HAS_PERM, HAS_ZEROS, HAS_G32, H2 == 2)
         if HAS_G32:
-            lo, hi = halves(acc, H2 == 2)
             a1 += lo * (16.0 * s_lo)[None, :] + hi * (16.0 * s_hi)[None, :]
-        else:  # one scale for the whole block: the two halves are added in fp16 first (one conversion)
-            a1 += halves_sum(acc, H2 == 2) * (16.0 * s_lo)[None, :]
+        else:  # one scale for the whole block: lo holds both halves
+            a1 += lo * (16.0 * s_lo)[None, :]
         if HAS_ZEROS:
             zc += (z_lo - Z0) * s_lo * sx_lo + (z_hi - Z0) * s_hi * sx_hi
+    elif P1 == 3:  # the 3-bit plane in sub-tiles of 2 rows (w1, w1b, w2), then the codes in the spare bits
+        for u in tl.static_range(4):
+            if u == 0:
+                w = w1
+            elif u == 1:
+                w = w1b
+            elif u == 2:
+                w = w2
+            else:
+                w = spare3(w1, w1b, w2)
+            lo, hi = _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN, 3, True, Z0, HAS_ZEROS, HAS_PERM,
+                                 HAS_G32, 2 * u if u < 3 else 30, 2, 5 if u < 3 else 1)
+            a1 += lo * s_lo[None, :]
+            if HAS_G32:
+                a1 += hi * s_hi[None, :]
     else:
         lo, hi = _plane_part(w1, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN, P1, True, Z0, HAS_ZEROS, HAS_PERM,
                              HAS_G32)
@@ -141,11 +162,16 @@ def _tile_load(q_ptr, s_ptr, z_ptr, t, inv_g, q1row, q2row, srow, kk0, offs_n, n
                P2: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G32: tl.constexpr, H2: tl.constexpr):
     """Plane words and group scales / zeros of tile t of a split (H2: the second plane lined up with the
     first, qmatmul_h2.plane2_rows). A 4-bit first plane under H2 is loaded as two halves of 4 word rows
-    (w1 / w1b, w2 / w2b) that share f16x2 accumulators (qmatmul_h2.plane_part_h2, SPLIT); else w1b / w2b are
-    unused. inv_g: 1 / group size (_group)."""
+    (w1 / w1b, w2 / w2b) that share f16x2 accumulators (qmatmul_h2.plane_part_h2, SPLIT), the 3-bit plane as
+    rows 0-1, 2-3, 4-5 in w1, w1b, w2; else w1b / w2b are unused. inv_g: 1 / group size (_group)."""
     row1 = q1row + t * (2 * P1)
     row2 = q2row + t * (2 * P2)
-    if H2 != 0 and P1 == 4:
+    if P1 == 3:  # the 3-bit plane's 6 rows as three (2, BN) sub-tiles (tensor sizes are powers of two)
+        w1 = _rows(q_ptr, row1, offs_n, n_mask, N, 2)
+        w1b = _rows(q_ptr, row1 + 2, offs_n, n_mask, N, 2)
+        w2 = _rows(q_ptr, row1 + 4, offs_n, n_mask, N, 2)
+        w2b = w2
+    elif H2 != 0 and P1 == 4:
         w1 = _rows(q_ptr, row1, offs_n, n_mask, N, P1)
         w1b = _rows(q_ptr, row1 + P1, offs_n, n_mask, N, P1)
         if P2 > 0:
@@ -194,7 +220,7 @@ def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, sro
     127 for 4 bits, offline)."""
     Z0: tl.constexpr = 1 << (P1 + P2 - 1)
     inv_g = 1.0 / g.to(tl.float32)  # scale rows by multiplication (_group)
-    a1 = tl.zeros((P1 if (H2 != 0 and P1 == 4) else 2 * P1, BN), tl.float32)
+    a1 = tl.zeros((P1 if (H2 != 0 and P1 == 4) else (2 if P1 == 3 else 2 * P1), BN), tl.float32)
     a2 = tl.zeros((2 * P2 if P2 > 0 else 1, BN), tl.float32)
     zc = tl.zeros((BN,), tl.float32)
     first = 0
@@ -222,12 +248,35 @@ def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, sro
 @triton.jit
 def _codes64(q_ptr, t, q1row, q2row, offs_n, n_mask, N, BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr):
     """(64, BN) float32 2^23 + code of tile t of a split, rows in input order."""
-    f = _decode(q_ptr, q1row + t * (2 * P1), offs_n, n_mask, N, P1)
-    f = tl.reshape(f, (64, BN))
-    if P2 > 0:
-        f2 = tl.reshape(_decode(q_ptr, q2row + t * (2 * P2), offs_n, n_mask, N, P2), (64, BN))
-        f += (f2 - MAGIC) * (1 << P1)
+    if P1 == 3:
+        f = _codes64_3(q_ptr, q1row + t * 6, offs_n, n_mask, N)
+    else:
+        f = tl.reshape(_decode(q_ptr, q1row + t * (2 * P1), offs_n, n_mask, N, P1), (64, BN))
+        if P2 > 0:
+            f2 = tl.reshape(_decode(q_ptr, q2row + t * (2 * P2), offs_n, n_mask, N, P2), (64, BN))
+            f += (f2 - MAGIC) * (1 << P1)
     return f
+
+
+@triton.jit
+def _codes64_3(q_ptr, row, offs_n, n_mask, N):
+    """The 3-bit plane's (64, BN) float32 2^23 + code in input order (docs/format.md): input e of half h
+    (e = 32h + q) is field q // 6 of row q % 6 for q < 30; for q = 30 + t its bit u is the spare bit 15 + 16h
+    of row 2u + t. Each row of the tile gathers its word (the 6 words of a column are read ~10 times, from
+    L1); used by the many-row paths, where the weights are read once per 16-64 rows of x."""
+    e = tl.arange(0, 64)
+    h = e // 32
+    q = e % 32
+    reg = q < 30
+    r = tl.where(reg, q % 6, q - 30)
+    sh = tl.where(reg, 16 * h + 3 * (q // 6), 15 + 16 * h)[:, None]
+    ptr = q_ptr + (row + r)[:, None] * N + offs_n[None, :]
+    w0 = tl.load(ptr, mask=n_mask[None, :], other=0).to(tl.uint32, bitcast=True)
+    extra = n_mask[None, :] & (~reg)[:, None]  # the spare-bit codes take bits 1 and 2 from rows 2 and 4 on
+    w1 = tl.load(ptr + 2 * N, mask=extra, other=0).to(tl.uint32, bitcast=True)
+    w2 = tl.load(ptr + 4 * N, mask=extra, other=0).to(tl.uint32, bitcast=True)
+    v = ((w0 >> sh) & tl.where(reg, 7, 1)[:, None]) | (((w1 >> sh) & 1) << 1) | (((w2 >> sh) & 1) << 2)
+    return (v.to(tl.int32, bitcast=True) | 0x4B000000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -314,7 +363,7 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
     if (WIDTHS >> 3) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 3:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 2, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES)
+                         ones, BM, BN, 3, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES)
     if (WIDTHS >> 4) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 4:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,

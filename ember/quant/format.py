@@ -11,7 +11,8 @@ Python API (tensor shapes: N = out_features, K = in_features, R = packed rows, G
 - `unpack_codes(qt) -> (N, K) int32` (permuted order); `dequantize(qt, dtype) -> W (N, K)` in the ORIGINAL
   input order, rotation undone, so that `x @ W.T` is what the layer computes.
 - `group_rows(qt)`, `input_bits(qt)`: per permuted input k, its row in `scales` and its width.
-- `write_manifest(path, dict)`, `read_manifest(path)`; `FORMAT_NAME`, `FORMAT_VERSION = 1`.
+- `upgrade(qt, version)`: a tensor read from an older format version in the current layout.
+- `write_manifest(path, dict)`, `read_manifest(path)`; `FORMAT_NAME`, `FORMAT_VERSION = 2` (reads 1 and 2).
 """
 from __future__ import annotations
 
@@ -25,10 +26,13 @@ from ember.errors import WeightsError
 from ember.quant.hadamard import block_hadamard
 
 FORMAT_NAME = "ember-quant"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)  # version 1 stored 3-bit codes as a 2-bit and a 1-bit plane: repacked on load
 MANIFEST_NAME = "ember_quant.json"
-# Bit planes of each width, low plane first: every field is a power-of-two width, no field straddles a word.
-PLANES: dict[int, tuple[int, ...]] = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
+# Bit planes of each width, low plane first (docs/format.md): every field of a power-of-two width sits in one
+# word; the 3-bit plane packs ten fields per word plus two spare bits, which carry the block's last 4 codes.
+PLANES: dict[int, tuple[int, ...]] = {2: (2,), 3: (3,), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
+PLANES_V1 = {**PLANES, 3: (2, 1)}
 BLOCK = 64  # inputs per packing block
 PIECES = ("qweight", "scales", "qzeros", "perm", "had", "segments", "bias")
 
@@ -103,8 +107,49 @@ def _segment_list(segments: torch.Tensor) -> list[list[int]]:
     return segments.cpu().tolist()
 
 
+def _slots3() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 3-bit plane: a block of 64 takes 6 rows; row t holds in its low half five fields (bits 3j, j < 5)
+    with inputs 6j + t (0..29) and in its high half (bits 16 + 3j) inputs 6j + t + 32, as a power-of-two
+    plane of r = 6 rows would. Bit u of input 30 + t' (t' < 2) sits in bit 15 of row 2u + t', bit u of
+    input 62 + t' in its bit 31. -> the (6, 5) low-half inputs and the 5 field shifts."""
+    return torch.arange(5).view(1, 5) * 6 + torch.arange(6).view(6, 1), torch.arange(5) * 3
+
+
+def _pack3(c: torch.Tensor) -> torch.Tensor:
+    """c (N, L) values < 8 -> int32 (L*3/32, N), the 3-bit plane (_slots3)."""
+    N, L = c.shape
+    c = c.to(torch.int64).reshape(N, L // BLOCK, 1, BLOCK)  # (N, B, 1, 64)
+    e, sh = _slots3()
+    lo = (c[..., e] << sh).sum(-1)  # (N, B, 6): disjoint fields, so sum == or
+    hi = (c[..., e + 32] << (sh + 16)).sum(-1)
+    u, t = torch.arange(6) // 2, torch.arange(6) % 2
+    spare = ((c[..., 30 + t] >> u) & 1) << 15 | ((c[..., 62 + t] >> u) & 1) << 31
+    words = (lo | hi | spare).reshape(N, -1)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.T.contiguous().to(torch.int32)
+
+
+def _unpack3(w: torch.Tensor) -> torch.Tensor:
+    """int32 (L*3/32, N) -> (N, L) int32 values; inverse of _pack3."""
+    n_rows, N = w.shape
+    w = (w.to(torch.int64) & 0xFFFFFFFF).T.reshape(N, n_rows // 6, 6, 1)  # (N, B, r, 1)
+    e, sh = _slots3()
+    out = torch.zeros(N, n_rows // 6, BLOCK, dtype=torch.int64, device=w.device)
+    out[..., e.to(w.device)] = (w >> sh.to(w.device)) & 7
+    out[..., e.to(w.device) + 32] = (w >> (sh.to(w.device) + 16)) & 7
+    u = torch.arange(3, device=w.device)
+    for t in range(2):
+        rows = w[:, :, t::2, 0]  # (N, B, 3): rows 2u + t
+        out[..., 30 + t] = (((rows >> 15) & 1) << u).sum(-1)
+        out[..., 62 + t] = (((rows >> 31) & 1) << u).sum(-1)
+    return out.reshape(N, -1).to(torch.int32)
+
+
 def _pack_plane(c: torch.Tensor, p: int) -> torch.Tensor:
-    """c (N, L) values < 2^p -> int32 (L*p/32, N). Slot j of row t of block B holds input B*64 + j*r + t."""
+    """c (N, L) values < 2^p -> int32 (L*p/32, N). Slot j of row t of block B holds input B*64 + j*r + t
+    (p = 3: _pack3)."""
+    if p == 3:
+        return _pack3(c)
     N, L = c.shape
     v, r = 32 // p, 2 * p
     c = c.to(torch.int64).reshape(N, L // BLOCK, v, r)  # (N, B, j, t)
@@ -116,6 +161,8 @@ def _pack_plane(c: torch.Tensor, p: int) -> torch.Tensor:
 
 def _unpack_plane(w: torch.Tensor, p: int) -> torch.Tensor:
     """int32 (L*p/32, N) -> (N, L) int32 plane values; inverse of _pack_plane."""
+    if p == 3:
+        return _unpack3(w)
     v, r = 32 // p, 2 * p
     n_rows, N = w.shape
     w = (w.to(torch.int64) & 0xFFFFFFFF).reshape(n_rows // r, 1, r, N)  # (B, 1, t, N)
@@ -153,18 +200,32 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
         bias=bias, in_features=K, out_features=N)
 
 
-def unpack_codes(qt: QuantizedTensor) -> torch.Tensor:
-    """(N, K) int32 codes in permuted input order."""
+def unpack_codes(qt: QuantizedTensor, planes: dict[int, tuple[int, ...]] = PLANES) -> torch.Tensor:
+    """(N, K) int32 codes in permuted input order (`planes`: PLANES_V1 for a version 1 qweight)."""
     parts = []
     for _k0, k_len, bits, _g, qrow, _sr in _segment_list(qt.segments):
         code, shift, row = None, 0, qrow
-        for p in PLANES[bits]:
+        for p in planes[bits]:
             n_rows = k_len * p // 32
             plane = _unpack_plane(qt.qweight[row:row + n_rows], p)
             code = plane if code is None else code | (plane << shift)
             shift, row = shift + p, row + n_rows
         parts.append(code)
     return torch.cat(parts, 1)
+
+
+def upgrade(qt: QuantizedTensor, version: int) -> QuantizedTensor:
+    """A QuantizedTensor read from a file of format `version` -> the current layout: version 1's 3-bit
+    segments (a 2-bit and a 1-bit plane) are repacked as the 3-bit plane, in place of the same rows."""
+    segs = _segment_list(qt.segments)
+    if version == FORMAT_VERSION or not any(b == 3 for _k, _l, b, *_ in segs):
+        return qt
+    codes = unpack_codes(qt, PLANES_V1)
+    qweight = qt.qweight.clone()
+    for k0, k_len, bits, _g, qrow, _sr in segs:
+        if bits == 3:
+            qweight[qrow:qrow + k_len * 3 // 32] = _pack3(codes[:, k0:k0 + k_len].cpu()).to(qweight.device)
+    return replace(qt, qweight=qweight)
 
 
 def group_rows(qt: QuantizedTensor) -> torch.Tensor:
@@ -274,7 +335,7 @@ def read_manifest(path: str | Path) -> dict:
         raise WeightsError(f"{path} is not valid JSON ({e}): the converted model is corrupt, convert again") from None
     if data.get("format") != FORMAT_NAME:
         raise WeightsError(f"{path}: format is {data.get('format')!r}, expected {FORMAT_NAME!r}")
-    if data.get("version") != FORMAT_VERSION:
+    if data.get("version") not in READS_VERSIONS:
         raise WeightsError(f"{path}: format version {data.get('version')!r} is not supported by this ember "
-                           f"(it reads version {FORMAT_VERSION}); convert the model again or upgrade ember")
+                           f"(it reads versions {READS_VERSIONS}); convert the model again or upgrade ember")
     return data

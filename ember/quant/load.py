@@ -13,7 +13,7 @@ from torch import nn
 from ember.errors import WeightsError
 from ember.layers.linear import Linear
 from ember.layers.quant_linear import QuantLinear
-from ember.quant.format import PIECES, QuantizedTensor
+from ember.quant.format import FORMAT_VERSION, PIECES, QuantizedTensor, read_manifest, upgrade
 from ember.quant.gptq_checkpoint import load_gptq_linear
 
 
@@ -79,10 +79,12 @@ def _check(qt: QuantizedTensor, lin: Linear, name: str) -> None:
 def ember_hook(model: nn.Module, source, device) -> set[str]:
     used: set[str] = set()
     lazy = _Lazy(source, used)
+    folder = getattr(source, "folder", None)  # the manifest says which format version the files hold
+    version = read_manifest(folder)["version"] if folder is not None else FORMAT_VERSION
     for name, mod in list(model.named_modules()):
         if isinstance(mod, Linear) and f"{name}.qweight" in lazy:
             pieces = {f"{name}.{p}": lazy[f"{name}.{p}"] for p in PIECES if f"{name}.{p}" in lazy}
-            qt = QuantizedTensor.from_state_dict(name, pieces)
+            qt = upgrade(QuantizedTensor.from_state_dict(name, pieces), version)
             _check(qt, mod, name)
             _replace(model, name, QuantLinear(qt.to(device)))
     return used

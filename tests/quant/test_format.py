@@ -1,6 +1,8 @@
 """The quantized format (ember/quant/format.py) against the rules of docs/format.md, written out here
 independently: bit positions, the layer math in float64, bit counts from tensor sizes, strict loading."""
+import dataclasses
 import itertools
+import json
 
 import pytest
 import torch
@@ -10,11 +12,14 @@ from ember.layers.quant_linear import QuantLinear
 from ember.quant.format import (
     FORMAT_VERSION,
     PLANES,
+    PLANES_V1,
     QuantizedTensor,
+    _pack_plane,
     dequantize,
     pack,
     read_manifest,
     unpack_codes,
+    upgrade,
     write_manifest,
 )
 from ember.quant.hadamard import block_hadamard, hadamard_matrix
@@ -57,16 +62,22 @@ def test_pack_unpack_round_trip_and_bit_positions(spec):
     codes, scales, zeros = random_parts(spec, N, asym=False)
     qt = pack(codes, scales, zeros, spec)
     assert torch.equal(unpack_codes(qt), codes.to(torch.int32))
-    # Bit positions by the doc's rule: slot j of row t of block B of a plane holds input B*64 + j*r + t.
+    # Bit positions by the doc's rule: field j (bits j*p..) of the 16-bit half h of row t of block B of a plane
+    # of width p (r = 2p rows a block) holds input B*64 + 32h + j*r + t; the 3-bit plane's last two inputs of
+    # each half (30 + t, 62 + t) keep bit u in bit 15 of half h of row 2u + t.
     words = qt.qweight.to(torch.int64) & 0xFFFFFFFF
     qrow, k0 = 0, 0
     for k_len, b, _g in spec:
         shift = 0
         for p in PLANES[b]:
             r = 2 * p
-            for k in range(0, k_len, 7):  # a sample of inputs, every column
-                B, j, t = k // 64, (k % 64) // r, (k % 64) % r
-                got = (words[qrow + B * r + t] >> (j * p)) & ((1 << p) - 1)
+            for k in [*range(0, k_len, 7), 30, 31, 62, 63]:  # a sample of inputs, every column
+                B, h, q = k // 64, (k % 64) // 32, k % 32
+                if q < 32 // r * r:
+                    got = (words[qrow + B * r + q % r] >> (16 * h + q // r * p)) & ((1 << p) - 1)
+                else:
+                    assert p == 3 and q in (30, 31)
+                    got = sum(((words[qrow + B * r + 2 * u + q - 30] >> (16 * h + 15)) & 1) << u for u in range(3))
                 want = (codes[:, k0 + k] >> shift) & ((1 << p) - 1)
                 assert torch.equal(got, want), f"width {b} plane {p} input {k}"
             qrow += k_len * p // 32
@@ -132,7 +143,7 @@ def test_manifest_version(tmp_path):
     write_manifest(tmp_path, {"bpw": 4.0, "layers": {}})
     assert read_manifest(tmp_path)["version"] == FORMAT_VERSION
     (tmp_path / "ember_quant.json").write_text('{"format": "ember-quant", "version": 99}')
-    with pytest.raises(WeightsError, match=r"99.*1"):
+    with pytest.raises(WeightsError, match=r"99.*\(1, 2\)"):
         read_manifest(tmp_path)
 
 
@@ -157,3 +168,45 @@ def test_rtn_error_decreases_with_bits(sym):
     mixed = rtn_quantize(W, [(128, 5, 64), (128, 3, 32)], sym=sym, had=64)
     e_mixed = ((dequantize(mixed) - W).norm() / W.norm()).item()
     assert errs[WIDTHS.index(5)] < e_mixed < errs[WIDTHS.index(3)]
+
+
+def test_version_1_three_bit_planes_are_repacked_on_load(tmp_path):
+    """A version 1 file stored 3-bit codes as a 2-bit and a 1-bit plane: `upgrade` and the loader's ember hook
+    turn them into the 3-bit plane (same rows), and leave the other widths and version 2 files alone."""
+    import torch.nn as nn
+
+    from ember.layers.linear import Linear
+    from ember.quant.load import ember_hook
+
+    spec = [(128, 3, 64), (64, 4, 64), (64, 3, 32)]
+    codes, scales, zeros = random_parts(spec, 24, asym=True)
+    qt = pack(codes, scales, zeros, spec)
+    old = torch.cat([_pack_plane(codes[:, :128] & 3, 2), _pack_plane(codes[:, :128] >> 2, 1),
+                     _pack_plane(codes[:, 128:192], 4),
+                     _pack_plane(codes[:, 192:] & 3, 2), _pack_plane(codes[:, 192:] >> 2, 1)])
+    v1 = dataclasses.replace(qt, qweight=old)
+    assert torch.equal(unpack_codes(v1, PLANES_V1), codes.to(torch.int32))
+    assert not torch.equal(old, qt.qweight)
+    assert torch.equal(upgrade(v1, 1).qweight, qt.qweight) and upgrade(qt, FORMAT_VERSION) is qt
+
+    class Folder:  # the tensor store of an ember folder, as the loader passes it to the hook
+        folder = tmp_path
+
+        def __init__(self, tensors):
+            self.tensors = tensors
+
+        def names(self):
+            return list(self.tensors)
+
+        def get(self, k):
+            return self.tensors[k]
+
+    model = nn.Module()
+    model.proj = Linear(256, 24, bias=False)
+    for version, tensors in ((1, v1.state_dict("proj")), (2, qt.state_dict("proj"))):
+        write_manifest(tmp_path, {})
+        data = json.loads((tmp_path / "ember_quant.json").read_text())
+        (tmp_path / "ember_quant.json").write_text(json.dumps(dict(data, version=version)))
+        ember_hook(model, Folder(tensors), "cpu")
+        assert torch.equal(model.proj.qt.qweight, qt.qweight), version
+        model.proj = Linear(256, 24, bias=False)
