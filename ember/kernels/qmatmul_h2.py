@@ -12,7 +12,7 @@ matrices issue-bound (docs/dev/qmatmul-notes.md). Here a plane word of width P y
   LOP3 completes the code in the same pair: 4 instructions per two weights instead of 6 for two passes;
 - HFMA2 with the matching pair of inputs (x[j*R + t], x[j*R + t + 32]) into an f16x2 accumulator; the pair
   is one PRMT of two int32 words of x (`_x_pairs`).
-Up to 8 products per half are summed in fp16 (two word rows share an accumulator at 4 bits, `SPLIT`; 8 at
+Up to 8 products per half are summed in fp16 (at 4 bits word rows t and t + 4 are added at the end; 8 at
 2 bits, 5-6 in the 3-bit plane), then the halves are converted to fp32 (added in fp16 first when one scale
 covers the block); everything after (scales, the zero-point correction, split-K) stays fp32. ExLlamaV2
 accumulates 8 products per half the same way.
@@ -22,8 +22,14 @@ cannot run PTX), so CPU tests check the pairing and the constants; the GPU tests
 """
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+# A/B switch (scripts/gpu_check.sh base): EMBER_H2_XPAIRS=0 pairs x from fp16 loads (LOP3 + LEA per pair, all
+# of a tile's x loaded at once) instead of one PRMT of two int32 words per pair (loads spread over the slots).
+XPAIRS = tl.constexpr(os.environ.get("EMBER_H2_XPAIRS", "1") != "0")
 
 
 @triton.jit
@@ -74,14 +80,12 @@ def _step(acc, src1, src2, M1: tl.constexpr, M2: tl.constexpr, F: tl.constexpr, 
 
 
 @triton.jit
-def plane2_rows(q_ptr, row, offs_n, n_mask, N, P1: tl.constexpr, P2: tl.constexpr, T0: tl.constexpr,
-                ROWS: tl.constexpr):
-    """Second-plane words lined up with first-plane word rows T0 .. T0 + ROWS of a block: input j*2P1 + t of
-    the first plane sits in second-plane word t % 2P2 at slot j*(P1/P2) + t // 2P2, and its partner (slot
-    j + 16/P1) at that slot + 16/P2, the same bit of the high half. Row t is that word shifted right
-    (logically) by (t // 2P2) * P2, so both planes have the pair at the same bit offset j*P1 for every row:
-    (ROWS, BN) int32."""
-    t = T0 + tl.arange(0, ROWS)
+def plane2_rows(q_ptr, row, offs_n, n_mask, N, P1: tl.constexpr, P2: tl.constexpr):
+    """Second-plane words lined up with the first plane's 2*P1 word rows: input j*2P1 + t of the first plane
+    sits in second-plane word t % 2P2 at slot j*(P1/P2) + t // 2P2, and its partner (slot j + 16/P1) at
+    that slot + 16/P2, the same bit of the high half. Row t is that word shifted right (logically) by
+    (t // 2P2) * P2, so both planes have the pair at the same bit offset j*P1 for every row: (2P1, BN) int32."""
+    t = tl.arange(0, 2 * P1)
     w = tl.load(q_ptr + (row + t % (2 * P2))[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
     return (w.to(tl.uint32, bitcast=True) >> ((t // (2 * P2)) * P2)[:, None]).to(tl.int32, bitcast=True)
 
@@ -119,49 +123,67 @@ def _x_pairs(xw, E0: tl.constexpr, ROWS: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _rows_part(acc, w, w2, x_ptr, xw, perm_ptr, kb, ROW0: tl.constexpr, magic, sx_lo, sx_hi, P: tl.constexpr,
-               P2: tl.constexpr, Z: tl.constexpr, ROWS: tl.constexpr, HAS_PERM: tl.constexpr, SUM_X: tl.constexpr,
-               ASM: tl.constexpr, SLOTS: tl.constexpr = 0):
-    """acc (ROWS, BN) f16x2 += the products of word rows ROW0 .. ROW0 + ROWS of a block of 64 at kb (first-plane
-    words w, second plane lined up w2; x at x_ptr, or as int32 words from xw = x_ptr + kb; see
-    plane_part_h2). Field j of each half (bit j*P, j < SLOTS, default 16 // P) of row t is input j*2P + t,
-    + 32 in the high half."""
-    R: tl.constexpr = 2 * P
-    H: tl.constexpr = SLOTS if SLOTS > 0 else 16 // P
-    M: tl.constexpr = (1 << P) - 1
-    M2: tl.constexpr = (1 << P2) - 1
-    B: tl.constexpr = P + P2  # code bits: 1024 + code * 2^S is exact while S + B <= 10
-    w8 = w >> 8  # slots higher up are taken 8 bits lower (only bits 0..7 of each half are read from w8)
+def _lined_up(w, w2, P: tl.constexpr, P2: tl.constexpr):
+    """Per word tile: w >> 8 (fields higher up are read 8 bits lower: only bits 0..7 of each half are used)
+    and, with a second plane, its words moved just above the first plane's bits (w2d, and w28 from w2 >> 8),
+    so one more LOP3 completes each code of a pair."""
+    w8 = w >> 8
     w2d = w  # (unused for one plane)
     w28 = w
-    if P2 > 0:  # second-plane bits moved just above the first plane's: the pair then holds whole codes
+    if P2 > 0:
         w2u = w2.to(tl.uint32, bitcast=True)
         w2d = (w2u << P).to(tl.int32, bitcast=True)
         w28 = ((w2u >> 8) << P).to(tl.int32, bitcast=True)
-    for j in tl.static_range(H):
-        S = j * P
-        E0 = j * R + ROW0  # inputs kb + E0 + t (low halves) and kb + E0 + 32 + t (high halves)
-        if HAS_PERM or SUM_X:
-            ia = kb + E0 + tl.arange(0, ROWS)
-            if HAS_PERM:
-                xa = tl.load(x_ptr + tl.load(perm_ptr + ia))
-                xb = tl.load(x_ptr + tl.load(perm_ptr + ia + 32))
-            else:
-                xa = tl.load(x_ptr + ia)
-                xb = tl.load(x_ptr + ia + 32)
-            if SUM_X:
-                sx_lo += tl.sum(xa.to(tl.float32))
-                sx_hi += tl.sum(xb.to(tl.float32))
-            xp = (_bits16(xa) | (_bits16(xb) << 16))[:, None]
+    return w8, w2d, w28
+
+
+@triton.jit
+def _slot(acc, w, w8, w2d, w28, x_ptr, xw, perm_ptr, kb, J: tl.constexpr, ROW0: tl.constexpr, magic, sx_lo, sx_hi,
+          P: tl.constexpr, P2: tl.constexpr, Z: tl.constexpr, ROWS: tl.constexpr, HAS_PERM: tl.constexpr,
+          SUM_X: tl.constexpr, ASM: tl.constexpr):
+    """acc (ROWS, BN) f16x2 += the products of field J of both halves of word rows ROW0 .. ROW0 + ROWS of a
+    block of 64 at kb: field J (bit J*P) of row t is input J*2P + t, + 32 in the high half (docs/format.md).
+    w / w8 / w2d / w28: the words and their _lined_up forms; x at x_ptr, or as int32 words from xw."""
+    R: tl.constexpr = 2 * P
+    M: tl.constexpr = (1 << P) - 1
+    M2: tl.constexpr = (1 << P2) - 1
+    B: tl.constexpr = P + P2  # code bits: 1024 + code * 2^S is exact while S + B <= 10
+    S: tl.constexpr = J * P
+    E0: tl.constexpr = J * R + ROW0  # inputs kb + E0 + t (low halves) and kb + E0 + 32 + t (high halves)
+    if HAS_PERM or SUM_X or not XPAIRS:
+        ia = kb + E0 + tl.arange(0, ROWS)
+        if HAS_PERM:
+            xa = tl.load(x_ptr + tl.load(perm_ptr + ia))
+            xb = tl.load(x_ptr + tl.load(perm_ptr + ia + 32))
         else:
-            xp = _x_pairs(xw, E0, ROWS, ASM)[:, None]
-        if S + B <= 10:
-            acc = _step(acc, w, w2d, (M << S) | (M << (S + 16)), (M2 << (S + P)) | (M2 << (S + P + 16)),
-                        1.0 / (1 << (S + 4)), -(1024.0 + Z * (1 << S)) / (1 << (S + 4)), xp, magic, P2 > 0, ASM)
-        else:
-            acc = _step(acc, w8, w28, (M << (S - 8)) | (M << (S + 8)), (M2 << (S - 8 + P)) | (M2 << (S + 8 + P)),
-                        1.0 / (1 << (S - 4)), -(1024.0 + Z * (1 << (S - 8))) / (1 << (S - 4)), xp, magic, P2 > 0, ASM)
+            xa = tl.load(x_ptr + ia)
+            xb = tl.load(x_ptr + ia + 32)
+        if SUM_X:
+            sx_lo += tl.sum(xa.to(tl.float32))
+            sx_hi += tl.sum(xb.to(tl.float32))
+        xp = (_bits16(xa) | (_bits16(xb) << 16))[:, None]
+    else:
+        xp = _x_pairs(xw, E0, ROWS, ASM)[:, None]
+    if S + B <= 10:
+        acc = _step(acc, w, w2d, (M << S) | (M << (S + 16)), (M2 << (S + P)) | (M2 << (S + P + 16)),
+                    1.0 / (1 << (S + 4)), -(1024.0 + Z * (1 << S)) / (1 << (S + 4)), xp, magic, P2 > 0, ASM)
+    else:
+        acc = _step(acc, w8, w28, (M << (S - 8)) | (M << (S + 8)), (M2 << (S - 8 + P)) | (M2 << (S + 8 + P)),
+                    1.0 / (1 << (S - 4)), -(1024.0 + Z * (1 << (S - 8))) / (1 << (S - 4)), xp, magic, P2 > 0, ASM)
     return acc, sx_lo, sx_hi
+
+
+@triton.jit
+def _hadd2_asm(a, b):
+    return tl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _hadd2_ref(a, b):
+    lo = (_from16(a) + _from16(b)).to(tl.float16)
+    hi = (_from16(a >> 16) + _from16(b >> 16)).to(tl.float16)
+    return _bits16(lo) | (_bits16(hi) << 16)
 
 
 @triton.jit
@@ -185,17 +207,19 @@ def _to_f32(acc, G32: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def plane_part_h2(w, wb, w2, w2b, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr, P: tl.constexpr, P2: tl.constexpr,
-                  Z: tl.constexpr, SPLIT: tl.constexpr, HAS_PERM: tl.constexpr, SUM_X: tl.constexpr,
-                  G32: tl.constexpr, ASM: tl.constexpr):
+def plane_part_h2(w, wb, w2, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr, P: tl.constexpr, P2: tl.constexpr,
+                  Z: tl.constexpr, HAS_PERM: tl.constexpr, SUM_X: tl.constexpr, G32: tl.constexpr,
+                  ASM: tl.constexpr):
     """One block of 64 inputs at kb -> (lo, hi, sx_lo, sx_hi): lo / hi fp32 (rows, BN) sums of
     (v - Z) / 16 * x over inputs 0..31 / 32..63, v the whole code (first plane + 2^P * second plane); without
     G32 lo holds both (added in fp16 first: one conversion) and hi is unused. sx_lo / sx_hi: the sums of
     those inputs (fp32 scalars, when SUM_X; for the zero-point correction).
-    Words: w (2P, BN) and, when P2 > 0, the second plane lined up by plane2_rows (w2); with SPLIT (4-bit first
-    plane) rows 0..P-1 in w / w2 and P..2P-1 in wb / w2b, both summed into one f16x2 accumulator (8 products
-    per half, as ExLlamaV2 does: half the fp16 -> fp32 conversions); for the 3-bit plane (P = 3) rows 0-1,
-    2-3, 4-5 in w, wb, w2, each with its own accumulator (5 products per half, 6 with the spare-bit codes).
+    Words: w (2P, BN) and, when P2 > 0, the second plane lined up by plane2_rows (w2); for the 3-bit plane
+    (P = 3) rows 0-1, 2-3, 4-5 in w, wb, w2. Every field step covers all the tile's rows, so the tile's
+    loads are all needed at once (ptxas then issues them together; stepping one row group after another let it
+    spread them over the loop and wait on each). At 4 bits rows t and t + 4 are then added in fp16 (8
+    products per half, as ExLlamaV2 sums; half the fp16 -> fp32 conversions); the 3-bit plane's three
+    accumulators hold 5-6 products per half.
     x is fp16; ones is the runtime -1 (the fp16 magic built from it stays in a register: with the mask also
     an immediate, ptxas would re-materialize one per LOP3)."""
     magic = ones & 0x64006400
@@ -203,30 +227,36 @@ def plane_part_h2(w, wb, w2, w2b, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr, P
     sx_hi = 0.0
     xw = x_ptr.to(tl.pointer_type(tl.int32)) + kb // 2  # (kb: a multiple of 64)
     if P == 3:
-        acc = tl.zeros((2, BN), tl.int32)
-        acc, sx_lo, sx_hi = _rows_part(acc, w, w, x_ptr, xw, perm_ptr, kb, 0, magic, sx_lo, sx_hi, 3, 0, Z, 2,
-                                       HAS_PERM, SUM_X, ASM)
+        acc0 = tl.zeros((2, BN), tl.int32)
+        acc1 = tl.zeros((2, BN), tl.int32)
+        acc2 = tl.zeros((2, BN), tl.int32)
+        w8, wb8, w28 = w >> 8, wb >> 8, w2 >> 8
+        for j in tl.static_range(5):
+            acc0, sx_lo, sx_hi = _slot(acc0, w, w8, w, w, x_ptr, xw, perm_ptr, kb, j, 0, magic, sx_lo, sx_hi,
+                                       3, 0, Z, 2, HAS_PERM, SUM_X, ASM)
+            acc1, sx_lo, sx_hi = _slot(acc1, wb, wb8, wb, wb, x_ptr, xw, perm_ptr, kb, j, 2, magic, sx_lo, sx_hi,
+                                       3, 0, Z, 2, HAS_PERM, SUM_X, ASM)
+            acc2, sx_lo, sx_hi = _slot(acc2, w2, w28, w2, w2, x_ptr, xw, perm_ptr, kb, j, 4, magic, sx_lo, sx_hi,
+                                       3, 0, Z, 2, HAS_PERM, SUM_X, ASM)
         sp = spare3(w, wb, w2)  # one more field per half: inputs 30 + t and 62 + t
-        acc, sx_lo, sx_hi = _rows_part(acc, sp, sp, x_ptr, xw, perm_ptr, kb, 30, magic, sx_lo, sx_hi, 3, 0, Z, 2,
-                                       HAS_PERM, SUM_X, ASM, 1)
-        lo, hi = _to_f32(acc, G32, ASM)
-        acc = tl.zeros((2, BN), tl.int32)
-        acc, sx_lo, sx_hi = _rows_part(acc, wb, wb, x_ptr, xw, perm_ptr, kb, 2, magic, sx_lo, sx_hi, 3, 0, Z, 2,
-                                       HAS_PERM, SUM_X, ASM)
-        lo1, hi1 = _to_f32(acc, G32, ASM)
-        acc = tl.zeros((2, BN), tl.int32)
-        acc, sx_lo, sx_hi = _rows_part(acc, w2, w2, x_ptr, xw, perm_ptr, kb, 4, magic, sx_lo, sx_hi, 3, 0, Z, 2,
-                                       HAS_PERM, SUM_X, ASM)
-        lo2, hi2 = _to_f32(acc, G32, ASM)
+        acc0, sx_lo, sx_hi = _slot(acc0, sp, sp, sp, sp, x_ptr, xw, perm_ptr, kb, 0, 30, magic, sx_lo, sx_hi,
+                                   3, 0, Z, 2, HAS_PERM, SUM_X, ASM)
+        lo, hi = _to_f32(acc0, G32, ASM)
+        lo1, hi1 = _to_f32(acc1, G32, ASM)
+        lo2, hi2 = _to_f32(acc2, G32, ASM)
         lo, hi = lo + lo1 + lo2, hi + hi1 + hi2
     else:  # (Triton compiles the code after an early return too: the branches must not overlap)
-        ROWS: tl.constexpr = P if SPLIT else 2 * P
-        acc = tl.zeros((ROWS, BN), tl.int32)
-        acc, sx_lo, sx_hi = _rows_part(acc, w, w2, x_ptr, xw, perm_ptr, kb, 0, magic, sx_lo, sx_hi, P, P2, Z, ROWS,
-                                       HAS_PERM, SUM_X, ASM)
-        if SPLIT:
-            acc, sx_lo, sx_hi = _rows_part(acc, wb, w2b, x_ptr, xw, perm_ptr, kb, P, magic, sx_lo, sx_hi, P, P2, Z,
-                                           ROWS, HAS_PERM, SUM_X, ASM)
+        acc = tl.zeros((2 * P, BN), tl.int32)
+        w8, w2d, w28 = _lined_up(w, w2, P, P2)
+        for j in tl.static_range(16 // P):
+            acc, sx_lo, sx_hi = _slot(acc, w, w8, w2d, w28, x_ptr, xw, perm_ptr, kb, j, 0, magic, sx_lo, sx_hi,
+                                      P, P2, Z, 2 * P, HAS_PERM, SUM_X, ASM)
+        if P == 4:  # rows t and t + 4: 4 + 4 products per half
+            acc = tl.reshape(acc, (2, P, BN))
+            if ASM:
+                acc = tl.reduce(acc, 0, _hadd2_asm)
+            else:
+                acc = tl.reduce(acc, 0, _hadd2_ref)
         lo, hi = _to_f32(acc, G32, ASM)
     return lo, hi, sx_lo, sx_hi
 

@@ -113,14 +113,14 @@ def _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN: tl.constexpr, P: t
 
 
 @triton.jit
-def _tile_fma(a1, a2, zc, w1, w1b, w2, w2b, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr,
+def _tile_fma(a1, a2, zc, w1, w1b, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr,
               P1: tl.constexpr, P2: tl.constexpr, Z0: tl.constexpr, HAS_ZEROS: tl.constexpr,
               HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, H2: tl.constexpr):
     """Accumulate one block of 64 inputs (the words _tile_load gives, group scales) into a1 / a2; with H2
     (packed halves, qmatmul_h2.py) the first plane is centred at Z0 and zc collects (z - Z0) * s * sum(x)."""
     if H2:
-        lo, hi, sx_lo, sx_hi = plane_part_h2(w1, w1b, w2, w2b, x_ptr, perm_ptr, kb, ones, BN, P1, P2, Z0,
-                                             H2 != 0 and P1 == 4, HAS_PERM, HAS_ZEROS, HAS_G32, H2 == 2)
+        lo, hi, sx_lo, sx_hi = plane_part_h2(w1, w1b, w2, x_ptr, perm_ptr, kb, ones, BN, P1, P2, Z0, HAS_PERM,
+                                             HAS_ZEROS, HAS_G32, H2 == 2)
         if HAS_G32:
             a1 += lo * (16.0 * s_lo)[None, :] + hi * (16.0 * s_hi)[None, :]
         else:  # one scale for the whole block: lo holds both halves
@@ -161,40 +161,29 @@ def _tile_fma(a1, a2, zc, w1, w1b, w2, w2b, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_
 def _tile_load(q_ptr, s_ptr, z_ptr, t, inv_g, q1row, q2row, srow, kk0, offs_n, n_mask, N, P1: tl.constexpr,
                P2: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G32: tl.constexpr, H2: tl.constexpr):
     """Plane words and group scales / zeros of tile t of a split (H2: the second plane lined up with the
-    first, qmatmul_h2.plane2_rows). A 4-bit first plane under H2 is loaded as two halves of 4 word rows
-    (w1 / w1b, w2 / w2b) that share f16x2 accumulators (qmatmul_h2.plane_part_h2, SPLIT), the 3-bit plane as
-    rows 0-1, 2-3, 4-5 in w1, w1b, w2; else w1b / w2b are unused. inv_g: 1 / group size (_group)."""
+    first, qmatmul_h2.plane2_rows). The 3-bit plane comes as rows 0-1, 2-3, 4-5 in w1, w1b, w2; else w1b
+    is unused. inv_g: 1 / group size (_group)."""
     row1 = q1row + t * (2 * P1)
     row2 = q2row + t * (2 * P2)
     if P1 == 3:  # the 3-bit plane's 6 rows as three (2, BN) sub-tiles (tensor sizes are powers of two)
         w1 = _rows(q_ptr, row1, offs_n, n_mask, N, 2)
         w1b = _rows(q_ptr, row1 + 2, offs_n, n_mask, N, 2)
         w2 = _rows(q_ptr, row1 + 4, offs_n, n_mask, N, 2)
-        w2b = w2
-    elif H2 != 0 and P1 == 4:
-        w1 = _rows(q_ptr, row1, offs_n, n_mask, N, P1)
-        w1b = _rows(q_ptr, row1 + P1, offs_n, n_mask, N, P1)
-        if P2 > 0:
-            w2 = plane2_rows(q_ptr, row2, offs_n, n_mask, N, P1, P2, 0, P1)
-            w2b = plane2_rows(q_ptr, row2, offs_n, n_mask, N, P1, P2, P1, P1)
-        else:
-            w2, w2b = w1, w1b
     else:
         w1 = _rows(q_ptr, row1, offs_n, n_mask, N, 2 * P1)
         w1b = w1
         if H2 and P2 > 0:
-            w2 = plane2_rows(q_ptr, row2, offs_n, n_mask, N, P1, P2, 0, 2 * P1)
+            w2 = plane2_rows(q_ptr, row2, offs_n, n_mask, N, P1, P2)
         elif P2 > 0:
             w2 = _rows(q_ptr, row2, offs_n, n_mask, N, 2 * P2)
         else:
             w2 = w1
-        w2b = w2
     s_lo, z_lo = _scale_zero(s_ptr, z_ptr, srow + _group(kk0 + t * 64, inv_g), offs_n, n_mask, N, HAS_ZEROS)
     if HAS_G32:
         s_hi, z_hi = _scale_zero(s_ptr, z_ptr, srow + _group(kk0 + t * 64 + 32, inv_g), offs_n, n_mask, N, HAS_ZEROS)
     else:
         s_hi, z_hi = s_lo, z_lo
-    return w1, w1b, w2, w2b, s_lo, z_lo, s_hi, z_hi
+    return w1, w1b, w2, s_lo, z_lo, s_hi, z_hi
 
 
 @triton.jit
@@ -220,23 +209,23 @@ def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, sro
     127 for 4 bits, offline)."""
     Z0: tl.constexpr = 1 << (P1 + P2 - 1)
     inv_g = 1.0 / g.to(tl.float32)  # scale rows by multiplication (_group)
-    a1 = tl.zeros((P1 if (H2 != 0 and P1 == 4) else (2 if P1 == 3 else 2 * P1), BN), tl.float32)
+    a1 = tl.zeros((P1 if (H2 != 0 and P1 == 4) else (2 if P1 == 3 else 2 * P1), BN), tl.float32)  # (h2: rows paired)
     a2 = tl.zeros((2 * P2 if P2 > 0 else 1, BN), tl.float32)
     zc = tl.zeros((BN,), tl.float32)
     first = 0
     if PDL == 2:
-        w1, w1b, w2, w2b, s_lo, z_lo, s_hi, z_hi = _tile_load(q_ptr, s_ptr, z_ptr, 0, inv_g, q1row, q2row, srow,
+        w1, w1b, w2, s_lo, z_lo, s_hi, z_hi = _tile_load(q_ptr, s_ptr, z_ptr, 0, inv_g, q1row, q2row, srow,
                                                               kk0, offs_n, n_mask, N, P1, P2, HAS_ZEROS, HAS_G32, H2)
         pdl.wait(PDL)
-        a1, a2, zc = _tile_fma(a1, a2, zc, w1, w1b, w2, w2b, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, tl.multiple_of(k0, 64),
+        a1, a2, zc = _tile_fma(a1, a2, zc, w1, w1b, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, tl.multiple_of(k0, 64),
                                ones, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM, HAS_G32, H2)
         first = 1
     # STAGES > 1: Triton's pipeliner copies the words of the next STAGES - 1 tiles into shared memory
     # (cp.async) while this one is decoded, so a warp keeps loads in flight without holding them in registers
     for t in tl.range(first, nt, num_stages=STAGES):
-        w1, w1b, w2, w2b, s_lo, z_lo, s_hi, z_hi = _tile_load(q_ptr, s_ptr, z_ptr, t, inv_g, q1row, q2row, srow,
+        w1, w1b, w2, s_lo, z_lo, s_hi, z_hi = _tile_load(q_ptr, s_ptr, z_ptr, t, inv_g, q1row, q2row, srow,
                                                               kk0, offs_n, n_mask, N, P1, P2, HAS_ZEROS, HAS_G32, H2)
-        a1, a2, zc = _tile_fma(a1, a2, zc, w1, w1b, w2, w2b, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr,
+        a1, a2, zc = _tile_fma(a1, a2, zc, w1, w1b, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr,
                                tl.multiple_of(k0 + t * 64, 64), ones, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM,
                                HAS_G32, H2)
     y = tl.sum(a1, axis=0) - zc
