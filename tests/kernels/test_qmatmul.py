@@ -59,6 +59,11 @@ def test_each_width(bits):
     qt = make_qt([(192, bits, 64)], 40)  # K = 64*3, N not a multiple of the column block
     check(qt, 1, torch.float16)
     check(qt, 3, torch.float16, tiles=1)
+    even = {"gemv": (32, 1, 1, 8), "small": (32, 4, 2, 4)}  # N a multiple of the block: no column masks
+    qt = make_qt([(192, bits, 64)], 64, seed=1)
+    check(qt, 1, torch.float16, configs=even)
+    check(qt, 1, torch.bfloat16, configs=even)
+    check(qt, 3, torch.float16, tiles=1, configs=even)
 
 
 @pytest.mark.parametrize("M", [1, 17, 100])
@@ -190,6 +195,8 @@ def test_gpu_m1_pipelined_loop(bits, stages):
     qt = make_qt([(64 * 23, bits, 64)], 1000)
     for tiles in (7, 23):
         check(qt, 1, torch.float16, tiles=tiles, configs={"gemv": (256, 2, stages, 8)})
+    qt = make_qt([(64 * 23, bits, 64)], 1024, seed=1)  # whole column blocks (EVEN_N: no column masks)
+    check(qt, 1, torch.float16, tiles=7, configs={"gemv": (256, 2, stages, 8)})
     qt = make_qt([(64 * 10, bits, 32), (64 * 13, 4, 64)], 640, asym=True, use_perm=True)
     check(qt, 1, torch.float16, tiles=5, configs={"gemv": (512, 4, stages, 8)})
 
