@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one command run on the GPU machine (device tool): GPU tests + benchmarks, results under $OUT.
 #
-#   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [stages] [stagetable] [base] [async] [bench8b] [quick] [full] [exl2]
+#   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [stages] [stagetable] [base] [ab] [async] [bench8b] [quick] [full] [exl2]
 #                        [attn] [gptq8b] [bench70b] [bpw] [pdl] [profile] [sweep] [prefillgemm] [tests]
 #   (default: tests bench8b exl2). Run it under `timeout N` to fit a device call: timeout signals the whole
 #   process group, and on TERM the script stops what it started and still packs $OUT for the return trip.
@@ -11,8 +11,8 @@
 #   in GEMV_ARMS (stagetable: also the batch-1 qmatmul table of each); async: 8B decode with the pipelined
 #   streaming loop off / on twice (EMBER_ASYNC_DECODE=0/1); tests: the whole -m gpu suite, last.
 # base: 8B decode of an earlier tree unpacked into .base/ (with its commit in .base/REV; carry it) against this
-#   one, BASE_ARMS "tree/wide stages/EMBER_H2_XPAIRS" alternating, then BASE_BPW widths on both (the
-#   same-call baseline of a kernel change).
+#   one, BASE_ARMS "tree/wide stages" alternating, then BASE_BPW widths on both (the same-call baseline
+#   of a kernel change). ab: one 8B decode row per AB_ARMS entry (VAR=value[,VAR=value], at AB_BPW).
 # bench8b: copy bandwidth and the 8B runs the acceptance names (4.0 bpw at 512 and 2048 tokens, the GPTQ
 #   folder ExLlamaV2 runs); quick: the batch-1 qmatmul table (--quick; qtable: the whole table);
 #   full: also a 6- and a 16-bit head, 2.5-6.0 bpw, the GPTQ folder at 2048, batch 8 and 32, the profile.
@@ -103,18 +103,25 @@ if has stages; then  # one-row matmul variants (qmatmul.py, qmatmul_kernels._loo
   fi
 fi
 if has base && [ -d .base ]; then  # this tree against an earlier one (git archive REV | tar -x -C .base, carried)
-  # arms "tree/wide stages/EMBER_H2_XPAIRS" ("-": the tree's default), both trees with the pipelined decode
-  log "8B decode: .base ($(cat .base/REV 2>/dev/null)) against this tree (${BASE_ARMS:=base/3/- new/3/1 new/3/0 base/3/- new/3/1 new/3/0})"
+  # arms "tree/wide stages", both trees with the pipelined decode
+  log "8B decode: .base ($(cat .base/REV 2>/dev/null)) against this tree (${BASE_ARMS:=base/3 new/3 base/3 new/3})"
   for arm in $BASE_ARMS; do
-    IFS=/ read -r tree ws xp <<< "$arm"; [ "$xp" = - ] && xp=
+    IFS=/ read -r tree ws <<< "$arm"
     if [ "$tree" = base ]; then (cd .base && export PYTHONPATH=/tmp/site:$PWD && ab8b "arm=$arm" base.txt \
       EMBER_GEMV_WIDE_STAGES=$ws EMBER_ASYNC_DECODE=1)
-    else ab8b "arm=$arm" base.txt EMBER_GEMV_WIDE_STAGES=$ws EMBER_ASYNC_DECODE=1 EMBER_H2_XPAIRS=$xp; fi
+    else ab8b "arm=$arm" base.txt EMBER_GEMV_WIDE_STAGES=$ws EMBER_ASYNC_DECODE=1; fi
   done
   for bpw in ${BASE_BPW:-}; do  # other widths, both trees (the base with the wide matrices pipelined too)
     (cd .base && export PYTHONPATH=/tmp/site:$PWD && AB_BPW=$bpw ab8b "bpw=$bpw base" base.txt \
       EMBER_GEMV_WIDE_STAGES=3 EMBER_ASYNC_DECODE=1)
     AB_BPW=$bpw ab8b "bpw=$bpw new" base.txt
+  done
+fi
+if has ab; then  # AB_ARMS: space-separated arms, each VAR=value[,VAR=value]: one 8B decode row each (BPW=b: bpw)
+  log "8B decode A/B (${AB_ARMS:?set AB_ARMS}) at ${AB_BPW:-4.0} bpw"
+  for arm in $AB_ARMS; do  # a BPW=b entry sets the arm's bpw
+    vars=${arm//,/ }; b=$(sed -n 's/.*BPW=\([0-9.]*\).*/\1/p' <<< "$arm")
+    AB_BPW=${b:-${AB_BPW:-4.0}} ab8b "arm=$arm" ab.txt ${vars}
   done
 fi
 if has async; then  # the pipelined streaming decode (engine/runner.py greedy_tokens): A/B in one call

@@ -193,6 +193,13 @@ def _glu_fits(launch: Launch, N: int) -> bool:
     return N % 2 == 0 and (N // 2) % half == 0 and half % 16 == 0
 
 
+def _even_n(launch: Launch, N: int, glu: bool) -> bool:
+    """Every column block whole (with GLU: of each half), so the kernel drops its column masks; EMBER_EVEN_N=0
+    keeps them (A/B runs)."""
+    whole = (N // 2) % (launch.block_n // 2) == 0 if glu else N % launch.block_n == 0
+    return whole and os.environ.get("EMBER_EVEN_N", "1") != "0"
+
+
 def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int, epi: Epilogue | None = None):
     M, N = x2.shape[0], qt.out_features
     glu = epi is not None and epi.glu
@@ -216,8 +223,8 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int,
         BM=block_m, BN=launch.block_n, WIDTHS=plan.widths, USE_DOT=use_dot, HAS_ZEROS=qt.qzeros is not None,
         HAS_PERM=qt.perm is not None, HAS_G32=plan.has_g32, ATOMIC=atomic, DOT_DT=dot_dt,
         H2=0 if use_dot else _h2_mode(x2), NORM_IN=norm_in, RESID=resid, GLU=glu,
-        STAGES=1 if use_dot else launch.num_stages, EVEN_N=(N // 2) % (launch.block_n // 2) == 0 if glu else
-        N % launch.block_n == 0, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        STAGES=1 if use_dot else launch.num_stages, EVEN_N=_even_n(launch, N, glu), num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
         **_pdl_kwargs(plan, x2.device))
 
 

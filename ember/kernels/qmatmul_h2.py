@@ -10,26 +10,23 @@ matrices issue-bound (docs/dev/qmatmul-notes.md). Here a plane word of width P y
   of two). Z centres the code at 2^(bits-1); the 1/16 keeps the fp16 sums far from overflow. A second plane
   (5, 6 bits) is lined up with the first (`plane2_rows`) and shifted just above its bits, so a second
   LOP3 completes the code in the same pair: 4 instructions per two weights instead of 6 for two passes;
-- HFMA2 with the matching pair of inputs (x[j*R + t], x[j*R + t + 32]) into an f16x2 accumulator; the pair
-  is one PRMT of two int32 words of x (`_x_pairs`).
-Up to 8 products per half are summed in fp16 (at 4 bits word rows t and t + 4 are added at the end; 8 at
-2 bits, 5-6 in the 3-bit plane), then the halves are converted to fp32 (added in fp16 first when one scale
-covers the block); everything after (scales, the zero-point correction, split-K) stays fp32. ExLlamaV2
-accumulates 8 products per half the same way.
+- HFMA2 with the matching pair of inputs (x[j*R + t], x[(j + V/2)*R + t]) into an f16x2 accumulator.
+One word's products are summed in fp16 (4 per half at 4 bits, 8 at 2 bits, 16 at 1 bit), then converted to
+fp32; everything after (scales, the zero-point correction, split-K) stays fp32. ExLlamaV2 accumulates 8
+products per half the same way.
+
+The 3-bit plane (docs/format.md: 6 word rows a block, five fields a half and spare bits) has its own
+`plane_part3_h2`: three (2, BN) row groups stepped field by field, the x pair of each step one PRMT of two
+int32 words of x (`_x_pairs`), then the spare-bit codes (`spare3`); its products stay in three f16x2
+accumulators of 5-6 products per half.
 
 ASM: PTX through tl.inline_asm_elementwise (GPU); off, the same arithmetic in plain Triton (the interpreter
 cannot run PTX), so CPU tests check the pairing and the constants; the GPU tests check the PTX.
 """
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
-
-# A/B switch (scripts/gpu_check.sh base): EMBER_H2_XPAIRS=0 pairs x from fp16 loads (LOP3 + LEA per pair, all
-# of a tile's x loaded at once) instead of one PRMT of two int32 words per pair (loads spread over the slots).
-XPAIRS = tl.constexpr(os.environ.get("EMBER_H2_XPAIRS", "1") != "0")
 
 
 @triton.jit
@@ -104,6 +101,56 @@ def halves(acc, ASM: tl.constexpr):
 
 
 @triton.jit
+def plane_part_h2(w, w2, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr, P: tl.constexpr, P2: tl.constexpr,
+                  Z: tl.constexpr, HAS_PERM: tl.constexpr, SUM_X: tl.constexpr, ASM: tl.constexpr):
+    """One block of 64 inputs at kb: first-plane words w (2P, BN) and, when P2 > 0, the second plane lined
+    up by plane2_rows (w2, (2P, BN)) -> (lo, hi, sx_lo, sx_hi):
+    lo / hi (2P, BN) fp32 = sum of (v - Z) / 16 * x over each word's slots of inputs 0..31 / 32..63, v the
+    whole code (first plane + 2^P * second plane); sx_lo / sx_hi: the sums of those inputs (fp32 scalars,
+    when SUM_X; for the zero-point correction). x is fp16; ones is the runtime -1 (the fp16 magic built from
+    it stays in a register: with the mask also an immediate, ptxas would re-materialize one per LOP3)."""
+    V: tl.constexpr = 32 // P
+    R: tl.constexpr = 2 * P
+    H: tl.constexpr = V // 2
+    M: tl.constexpr = (1 << P) - 1
+    M2: tl.constexpr = (1 << P2) - 1
+    B: tl.constexpr = P + P2  # code bits: 1024 + code * 2^S is exact while S + B <= 10
+    w8 = w >> 8  # slots higher up are taken 8 bits lower (only bits 0..7 of each half are read from w8)
+    w2d = w  # (unused for one plane)
+    w28 = w
+    if P2 > 0:  # second-plane bits moved just above the first plane's: the pair then holds whole codes
+        w2u = w2.to(tl.uint32, bitcast=True)
+        w2d = (w2u << P).to(tl.int32, bitcast=True)
+        w28 = ((w2u >> 8) << P).to(tl.int32, bitcast=True)
+    magic = ones & 0x64006400
+    acc = tl.zeros((R, BN), tl.int32)
+    sx_lo = 0.0
+    sx_hi = 0.0
+    xrow = x_ptr + kb + tl.arange(0, R)  # one 64-bit address per thread; the slots add constant offsets
+    for j in tl.static_range(H):
+        S = j * P
+        if HAS_PERM:
+            ia = kb + j * R + tl.arange(0, R)
+            xa = tl.load(x_ptr + tl.load(perm_ptr + ia))
+            xb = tl.load(x_ptr + tl.load(perm_ptr + ia + H * R))
+        else:
+            xa = tl.load(xrow + j * R)
+            xb = tl.load(xrow + (j + H) * R)
+        if SUM_X:
+            sx_lo += tl.sum(xa.to(tl.float32))
+            sx_hi += tl.sum(xb.to(tl.float32))
+        xp = (_bits16(xa) | (_bits16(xb) << 16))[:, None]
+        if S + B <= 10:
+            acc = _step(acc, w, w2d, (M << S) | (M << (S + 16)), (M2 << (S + P)) | (M2 << (S + P + 16)),
+                        1.0 / (1 << (S + 4)), -(1024.0 + Z * (1 << S)) / (1 << (S + 4)), xp, magic, P2 > 0, ASM)
+        else:
+            acc = _step(acc, w8, w28, (M << (S - 8)) | (M << (S + 8)), (M2 << (S - 8 + P)) | (M2 << (S + 8 + P)),
+                        1.0 / (1 << (S - 4)), -(1024.0 + Z * (1 << (S - 8))) / (1 << (S - 4)), xp, magic, P2 > 0, ASM)
+    lo, hi = halves(acc, ASM)
+    return lo, hi, sx_lo, sx_hi
+
+
+@triton.jit
 def _x_pairs(xw, E0: tl.constexpr, ROWS: tl.constexpr, ASM: tl.constexpr):
     """(ROWS,) int32: the fp16 pairs (x[E0 + t], x[E0 + 32 + t]) of a block whose x is read as int32 words at
     xw (each word two neighbouring inputs; E0 even): one PRMT per pair picks the low or the high halves of
@@ -123,21 +170,6 @@ def _x_pairs(xw, E0: tl.constexpr, ROWS: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _lined_up(w, w2, P: tl.constexpr, P2: tl.constexpr):
-    """Per word tile: w >> 8 (fields higher up are read 8 bits lower: only bits 0..7 of each half are used)
-    and, with a second plane, its words moved just above the first plane's bits (w2d, and w28 from w2 >> 8),
-    so one more LOP3 completes each code of a pair."""
-    w8 = w >> 8
-    w2d = w  # (unused for one plane)
-    w28 = w
-    if P2 > 0:
-        w2u = w2.to(tl.uint32, bitcast=True)
-        w2d = (w2u << P).to(tl.int32, bitcast=True)
-        w28 = ((w2u >> 8) << P).to(tl.int32, bitcast=True)
-    return w8, w2d, w28
-
-
-@triton.jit
 def _slot(acc, w, w8, w2d, w28, x_ptr, xw, perm_ptr, kb, J: tl.constexpr, ROW0: tl.constexpr, magic, sx_lo, sx_hi,
           P: tl.constexpr, P2: tl.constexpr, Z: tl.constexpr, ROWS: tl.constexpr, HAS_PERM: tl.constexpr,
           SUM_X: tl.constexpr, ASM: tl.constexpr):
@@ -150,7 +182,7 @@ def _slot(acc, w, w8, w2d, w28, x_ptr, xw, perm_ptr, kb, J: tl.constexpr, ROW0: 
     B: tl.constexpr = P + P2  # code bits: 1024 + code * 2^S is exact while S + B <= 10
     S: tl.constexpr = J * P
     E0: tl.constexpr = J * R + ROW0  # inputs kb + E0 + t (low halves) and kb + E0 + 32 + t (high halves)
-    if HAS_PERM or SUM_X or not XPAIRS:
+    if HAS_PERM or SUM_X:
         ia = kb + E0 + tl.arange(0, ROWS)
         if HAS_PERM:
             xa = tl.load(x_ptr + tl.load(perm_ptr + ia))
@@ -174,19 +206,6 @@ def _slot(acc, w, w8, w2d, w28, x_ptr, xw, perm_ptr, kb, J: tl.constexpr, ROW0: 
 
 
 @triton.jit
-def _hadd2_asm(a, b):
-    return tl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True,
-                                     pack=1)
-
-
-@triton.jit
-def _hadd2_ref(a, b):
-    lo = (_from16(a) + _from16(b)).to(tl.float16)
-    hi = (_from16(a >> 16) + _from16(b >> 16)).to(tl.float16)
-    return _bits16(lo) | (_bits16(hi) << 16)
-
-
-@triton.jit
 def spare3(w0, w1, w2):
     """The 3-bit plane's codes kept in spare bits (docs/format.md): rows 2u + t (u < 3) given as w0, w1, w2
     (t = the tensor row) -> int32 with the code of input 30 + t in bits 0..2 and that of input 62 + t in
@@ -207,58 +226,35 @@ def _to_f32(acc, G32: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def plane_part_h2(w, wb, w2, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr, P: tl.constexpr, P2: tl.constexpr,
-                  Z: tl.constexpr, HAS_PERM: tl.constexpr, SUM_X: tl.constexpr, G32: tl.constexpr,
-                  ASM: tl.constexpr):
-    """One block of 64 inputs at kb -> (lo, hi, sx_lo, sx_hi): lo / hi fp32 (rows, BN) sums of
-    (v - Z) / 16 * x over inputs 0..31 / 32..63, v the whole code (first plane + 2^P * second plane); without
-    G32 lo holds both (added in fp16 first: one conversion) and hi is unused. sx_lo / sx_hi: the sums of
-    those inputs (fp32 scalars, when SUM_X; for the zero-point correction).
-    Words: w (2P, BN) and, when P2 > 0, the second plane lined up by plane2_rows (w2); for the 3-bit plane
-    (P = 3) rows 0-1, 2-3, 4-5 in w, wb, w2. Every field step covers all the tile's rows, so the tile's
-    loads are all needed at once (ptxas then issues them together; stepping one row group after another let it
-    spread them over the loop and wait on each). At 4 bits rows t and t + 4 are then added in fp16 (8
-    products per half, as ExLlamaV2 sums; half the fp16 -> fp32 conversions); the 3-bit plane's three
-    accumulators hold 5-6 products per half.
-    x is fp16; ones is the runtime -1 (the fp16 magic built from it stays in a register: with the mask also
-    an immediate, ptxas would re-materialize one per LOP3)."""
+def plane_part3_h2(w, wb, w2, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr, Z: tl.constexpr, HAS_PERM: tl.constexpr,
+                   SUM_X: tl.constexpr, G32: tl.constexpr, ASM: tl.constexpr):
+    """plane_part_h2 for the 3-bit plane, rows 0-1, 2-3, 4-5 of a block in w, wb, w2 -> (lo, hi, sx_lo, sx_hi):
+    lo / hi fp32 (2, BN) sums of (v - Z) / 16 * x over inputs 0..31 / 32..63; without G32 lo holds both
+    (added in fp16 first: one conversion) and hi is unused. Every field step covers all three row groups,
+    so the tile's word loads are all needed at once (stepping one group after another let ptxas spread
+    them over the loop: 8B decode 415-427 against 432-458 tok/s at 4 bits, call H2)."""
     magic = ones & 0x64006400
     sx_lo = 0.0
     sx_hi = 0.0
     xw = x_ptr.to(tl.pointer_type(tl.int32)) + kb // 2  # (kb: a multiple of 64)
-    if P == 3:
-        acc0 = tl.zeros((2, BN), tl.int32)
-        acc1 = tl.zeros((2, BN), tl.int32)
-        acc2 = tl.zeros((2, BN), tl.int32)
-        w8, wb8, w28 = w >> 8, wb >> 8, w2 >> 8
-        for j in tl.static_range(5):
-            acc0, sx_lo, sx_hi = _slot(acc0, w, w8, w, w, x_ptr, xw, perm_ptr, kb, j, 0, magic, sx_lo, sx_hi,
-                                       3, 0, Z, 2, HAS_PERM, SUM_X, ASM)
-            acc1, sx_lo, sx_hi = _slot(acc1, wb, wb8, wb, wb, x_ptr, xw, perm_ptr, kb, j, 2, magic, sx_lo, sx_hi,
-                                       3, 0, Z, 2, HAS_PERM, SUM_X, ASM)
-            acc2, sx_lo, sx_hi = _slot(acc2, w2, w28, w2, w2, x_ptr, xw, perm_ptr, kb, j, 4, magic, sx_lo, sx_hi,
-                                       3, 0, Z, 2, HAS_PERM, SUM_X, ASM)
-        sp = spare3(w, wb, w2)  # one more field per half: inputs 30 + t and 62 + t
-        acc0, sx_lo, sx_hi = _slot(acc0, sp, sp, sp, sp, x_ptr, xw, perm_ptr, kb, 0, 30, magic, sx_lo, sx_hi,
+    acc0 = tl.zeros((2, BN), tl.int32)
+    acc1 = tl.zeros((2, BN), tl.int32)
+    acc2 = tl.zeros((2, BN), tl.int32)
+    w8, wb8, w28 = w >> 8, wb >> 8, w2 >> 8
+    for j in tl.static_range(5):
+        acc0, sx_lo, sx_hi = _slot(acc0, w, w8, w, w, x_ptr, xw, perm_ptr, kb, j, 0, magic, sx_lo, sx_hi,
                                    3, 0, Z, 2, HAS_PERM, SUM_X, ASM)
-        lo, hi = _to_f32(acc0, G32, ASM)
-        lo1, hi1 = _to_f32(acc1, G32, ASM)
-        lo2, hi2 = _to_f32(acc2, G32, ASM)
-        lo, hi = lo + lo1 + lo2, hi + hi1 + hi2
-    else:  # (Triton compiles the code after an early return too: the branches must not overlap)
-        acc = tl.zeros((2 * P, BN), tl.int32)
-        w8, w2d, w28 = _lined_up(w, w2, P, P2)
-        for j in tl.static_range(16 // P):
-            acc, sx_lo, sx_hi = _slot(acc, w, w8, w2d, w28, x_ptr, xw, perm_ptr, kb, j, 0, magic, sx_lo, sx_hi,
-                                      P, P2, Z, 2 * P, HAS_PERM, SUM_X, ASM)
-        if P == 4:  # rows t and t + 4: 4 + 4 products per half
-            acc = tl.reshape(acc, (2, P, BN))
-            if ASM:
-                acc = tl.reduce(acc, 0, _hadd2_asm)
-            else:
-                acc = tl.reduce(acc, 0, _hadd2_ref)
-        lo, hi = _to_f32(acc, G32, ASM)
-    return lo, hi, sx_lo, sx_hi
+        acc1, sx_lo, sx_hi = _slot(acc1, wb, wb8, wb, wb, x_ptr, xw, perm_ptr, kb, j, 2, magic, sx_lo, sx_hi,
+                                   3, 0, Z, 2, HAS_PERM, SUM_X, ASM)
+        acc2, sx_lo, sx_hi = _slot(acc2, w2, w28, w2, w2, x_ptr, xw, perm_ptr, kb, j, 4, magic, sx_lo, sx_hi,
+                                   3, 0, Z, 2, HAS_PERM, SUM_X, ASM)
+    sp = spare3(w, wb, w2)  # one more field per half: inputs 30 + t and 62 + t
+    acc0, sx_lo, sx_hi = _slot(acc0, sp, sp, sp, sp, x_ptr, xw, perm_ptr, kb, 0, 30, magic, sx_lo, sx_hi,
+                               3, 0, Z, 2, HAS_PERM, SUM_X, ASM)
+    lo, hi = _to_f32(acc0, G32, ASM)
+    lo1, hi1 = _to_f32(acc1, G32, ASM)
+    lo2, hi2 = _to_f32(acc2, G32, ASM)
+    return lo + lo1 + lo2, hi + hi1 + hi2, sx_lo, sx_hi
 
 
 @triton.jit

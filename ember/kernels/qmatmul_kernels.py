@@ -8,7 +8,7 @@ Decoding a plane of width P: a (R = 2P, BN) word tile shifted by j*P for j < V =
 tile whose element (j, t) is input j*R + t of the block of 64. Integers become floats with the "magic
 number" trick: (v | 0x4B000000) read as float32 is 2^23 + v, and subtracting 2^23 + z gives v - z exactly,
 so the zero point costs nothing per weight (planes combine as (P1 - z) + 2^p1 * P2). The 3-bit plane (6 rows
-a block, docs/format.md) is read as three (2, BN) sub-tiles, tensor sizes being powers of two, and the four
+a block, docs/format.md) is read as three (2, BN) row groups, tensor sizes being powers of two, and the four
 codes kept in its spare bits are gathered by `spare3`; its many-row decode gathers each input's word
 (`_codes64_3`).
 
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ember.kernels import pdl
-from ember.kernels.qmatmul_h2 import plane2_rows, plane_part_h2, spare3
+from ember.kernels.qmatmul_h2 import plane2_rows, plane_part3_h2, plane_part_h2, spare3
 from ember.kernels.qmatmul_store import store_tile
 
 MAGIC = tl.constexpr(8388608.0)  # 2^23
@@ -54,57 +54,48 @@ def _scale_zero(s_ptr, z_ptr, grow, offs_n, n_mask, N, HAS_ZEROS: tl.constexpr):
 
 
 @triton.jit
+def _plane_words(q_ptr, row, offs_n, n_mask, N, P: tl.constexpr):
+    """The (2P, BN) int32 words of one plane of one block of 64 (zeros where n_mask is off)."""
+    return tl.load(q_ptr + (row + tl.arange(0, 2 * P))[:, None] * N + offs_n[None, :], mask=n_mask[None, :],
+                   other=0)
+
+
+@triton.jit
 def _rows(q_ptr, row, offs_n, n_mask, N, ROWS: tl.constexpr):
-    """(ROWS, BN) int32 words of rows row .. row + ROWS (zeros where n_mask is off); a plane of width P has
-    2P rows per block of 64."""
+    """(ROWS, BN) int32 words of rows row .. row + ROWS (zeros where n_mask is off)."""
     return tl.load(q_ptr + (row + tl.arange(0, ROWS))[:, None] * N + offs_n[None, :], mask=n_mask[None, :],
                    other=0)
 
 
 @triton.jit
-def _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN: tl.constexpr, P: tl.constexpr,
-                WITH_ZERO: tl.constexpr, Z0: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
-                HAS_G32: tl.constexpr, ROW0: tl.constexpr = 0, ROWS: tl.constexpr = 0, SLOTS: tl.constexpr = 0):
-    """Partial sums (ROWS, BN) of x * (plane - zero) over the slots of word rows ROW0 .. ROW0 + ROWS of one
-    plane of one block of 64 (default: all 2P rows), for inputs 0..31 (lo) and 32..63 (hi; only when
-    HAS_G32, else everything is in lo).
-
-    Each 16-bit half of a word holds SLOTS (default 16 // P) fields: field j at bit S = j*P of the low half
-    is input j*2P + t of row t, the same field of the high half that input + 32 (docs/format.md; the 3-bit
-    plane too, whose rows are handled in sub-tiles of 2). (half & (mask << S)) | magic is 2^23 + v * 2^S
-    exactly (one LOP3), minus 2^23 + z * 2^S gives (v - z) * 2^S; the 2^-S goes on x, which each thread
-    loads once for all its columns."""
-    R: tl.constexpr = 2 * P
-    NR: tl.constexpr = ROWS if ROWS > 0 else R
-    H: tl.constexpr = SLOTS if SLOTS > 0 else 16 // P
+def _plane_part3(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN: tl.constexpr, ROW0: tl.constexpr,
+                 SLOTS: tl.constexpr, Z0: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
+                 HAS_G32: tl.constexpr):
+    """_plane_part for two word rows of the 3-bit plane (rows ROW0, ROW0 + 1; or the spare-bit codes, one
+    field a half, with ROW0 = 30): field j (bit 3j) of the low half of row t is input 6j + t, the same field
+    of the high half that input + 32 -> (lo, hi) partial sums (2, BN)."""
     w_hi = w >> 16
-    part_lo = tl.zeros((NR, BN), tl.float32)
-    part_hi = tl.zeros((NR, BN), tl.float32)
+    part_lo = tl.zeros((2, BN), tl.float32)
+    part_hi = tl.zeros((2, BN), tl.float32)
     for half in tl.static_range(2):
-        for j in tl.static_range(H):
-            S = j * P
+        for j in tl.static_range(SLOTS):
+            S = 3 * j
             if half == 0:
                 h = w
             else:
                 h = w_hi
-            # the mask comes from the runtime `ones` (== -1) so it stays in a register: with two immediates
-            # ptxas re-materializes one constant per LOP3
-            f = ((h & ((ones & ((1 << P) - 1)) << S)) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + v*2^S
-            if WITH_ZERO:
-                if HAS_ZEROS:
-                    if HAS_G32 and half == 1:
-                        f = f - (z_hi * (1 << S) + MAGIC)[None, :]
-                    else:
-                        f = f - (z_lo * (1 << S) + MAGIC)[None, :]
+            f = ((h & ((ones & 7) << S)) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + v*2^S
+            if HAS_ZEROS:
+                if HAS_G32 and half == 1:
+                    f = f - (z_hi * (1 << S) + MAGIC)[None, :]
                 else:
-                    f = f - (MAGIC + Z0 * (1 << S))
+                    f = f - (z_lo * (1 << S) + MAGIC)[None, :]
             else:
-                f = f - MAGIC
-            idx = kb + j * R + ROW0 + 32 * half + tl.arange(0, NR)
+                f = f - (MAGIC + Z0 * (1 << S))
+            idx = kb + 6 * j + ROW0 + 32 * half + tl.arange(0, 2)
             if HAS_PERM:
                 idx = tl.load(perm_ptr + idx)
-            xj = tl.load(x_ptr + idx).to(tl.float32)  # (NR,)
-            xj = xj * (1.0 / (1 << S))
+            xj = tl.load(x_ptr + idx).to(tl.float32) * (1.0 / (1 << S))  # (2,)
             if HAS_G32 and half == 1:
                 part_hi += xj[:, None] * f
             else:
@@ -113,21 +104,77 @@ def _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN: tl.constexpr, P: t
 
 
 @triton.jit
+def _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN: tl.constexpr, P: tl.constexpr,
+                WITH_ZERO: tl.constexpr, Z0: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
+                HAS_G32: tl.constexpr):
+    """Partial sums (R, BN) of x * (plane - zero) over the V slots of one plane of one block of 64, for
+    inputs 0..31 (lo) and 32..63 (hi; only when HAS_G32, else everything is in lo).
+
+    Slot j sits at bit S = j*P % 16 of the low or high 16-bit half of each word: (half & (mask << S)) | magic
+    is 2^23 + v * 2^S exactly (one LOP3), minus 2^23 + z * 2^S gives (v - z) * 2^S; the 2^-S goes on x,
+    which each thread loads once for all its columns."""
+    V: tl.constexpr = 32 // P
+    R: tl.constexpr = 2 * P
+    w_hi = w >> 16
+    part_lo = tl.zeros((R, BN), tl.float32)
+    part_hi = tl.zeros((R, BN), tl.float32)
+    for j in tl.static_range(V):
+        S = (j * P) % 16
+        if j * P < 16:
+            h = w
+        else:
+            h = w_hi
+        # the mask comes from the runtime `ones` (== -1) so it stays in a register: with two immediates
+        # ptxas re-materializes one constant per LOP3
+        f = ((h & ((ones & ((1 << P) - 1)) << S)) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + v*2^S
+        if WITH_ZERO:
+            if HAS_ZEROS:
+                if HAS_G32 and j >= V // 2:
+                    f = f - (z_hi * (1 << S) + MAGIC)[None, :]
+                else:
+                    f = f - (z_lo * (1 << S) + MAGIC)[None, :]
+            else:
+                f = f - (MAGIC + Z0 * (1 << S))
+        else:
+            f = f - MAGIC
+        idx = kb + j * R + tl.arange(0, R)
+        if HAS_PERM:
+            idx = tl.load(perm_ptr + idx)
+        xj = tl.load(x_ptr + idx).to(tl.float32)  # (R,)
+        xj = xj * (1.0 / (1 << S))
+        if HAS_G32 and j >= V // 2:
+            part_hi += xj[:, None] * f
+        else:
+            part_lo += xj[:, None] * f
+    return part_lo, part_hi
+
+
+@triton.jit
 def _tile_fma(a1, a2, zc, w1, w1b, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr,
               P1: tl.constexpr, P2: tl.constexpr, Z0: tl.constexpr, HAS_ZEROS: tl.constexpr,
               HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, H2: tl.constexpr):
-    """Accumulate one block of 64 inputs (the words _tile_load gives, group scales) into a1 / a2; with H2
-    (packed halves, qmatmul_h2.py) the first plane is centred at Z0 and zc collects (z - Z0) * s * sum(x)."""
-    if H2:
-        lo, hi, sx_lo, sx_hi = plane_part_h2(w1, w1b, w2, x_ptr, perm_ptr, kb, ones, BN, P1, P2, Z0, HAS_PERM,
-                                             HAS_ZEROS, HAS_G32, H2 == 2)
+    """Accumulate one block of 64 inputs (plane words w1 / w2, the 3-bit plane's rows in w1, w1b, w2; group
+    scales) into a1 / a2; with H2 (packed halves, qmatmul_h2.py) the first plane is centred at Z0 and zc
+    collects (z - Z0) * s * sum(x)."""
+    if H2 and P1 == 3:
+        lo, hi, sx_lo, sx_hi = plane_part3_h2(w1, w1b, w2, x_ptr, perm_ptr, kb, ones, BN, Z0, HAS_PERM, HAS_ZEROS,
+                                              HAS_G32, H2 == 2)
         if HAS_G32:
             a1 += lo * (16.0 * s_lo)[None, :] + hi * (16.0 * s_hi)[None, :]
-        else:  # one scale for the whole block: lo holds both halves
+        else:  # lo holds both halves
             a1 += lo * (16.0 * s_lo)[None, :]
         if HAS_ZEROS:
             zc += (z_lo - Z0) * s_lo * sx_lo + (z_hi - Z0) * s_hi * sx_hi
-    elif P1 == 3:  # the 3-bit plane in sub-tiles of 2 rows (w1, w1b, w2), then the codes in the spare bits
+    elif H2:
+        lo, hi, sx_lo, sx_hi = plane_part_h2(w1, w2, x_ptr, perm_ptr, kb, ones, BN, P1, P2, Z0, HAS_PERM,
+                                             HAS_ZEROS, H2 == 2)
+        if HAS_G32:
+            a1 += lo * (16.0 * s_lo)[None, :] + hi * (16.0 * s_hi)[None, :]
+        else:
+            a1 += (lo + hi) * (16.0 * s_lo)[None, :]
+        if HAS_ZEROS:
+            zc += (z_lo - Z0) * s_lo * sx_lo + (z_hi - Z0) * s_hi * sx_hi
+    elif P1 == 3:  # the 3-bit plane by row groups, then the codes in the spare bits
         for u in tl.static_range(4):
             if u == 0:
                 w = w1
@@ -137,8 +184,8 @@ def _tile_fma(a1, a2, zc, w1, w1b, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, 
                 w = w2
             else:
                 w = spare3(w1, w1b, w2)
-            lo, hi = _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN, 3, True, Z0, HAS_ZEROS, HAS_PERM,
-                                 HAS_G32, 2 * u if u < 3 else 30, 2, 5 if u < 3 else 1)
+            lo, hi = _plane_part3(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN, 2 * u if u < 3 else 30,
+                                  5 if u < 3 else 1, Z0, HAS_ZEROS, HAS_PERM, HAS_G32)
             a1 += lo * s_lo[None, :]
             if HAS_G32:
                 a1 += hi * s_hi[None, :]
@@ -161,21 +208,19 @@ def _tile_fma(a1, a2, zc, w1, w1b, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, 
 def _tile_load(q_ptr, s_ptr, z_ptr, t, inv_g, q1row, q2row, srow, kk0, offs_n, n_mask, N, P1: tl.constexpr,
                P2: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G32: tl.constexpr, H2: tl.constexpr):
     """Plane words and group scales / zeros of tile t of a split (H2: the second plane lined up with the
-    first, qmatmul_h2.plane2_rows). The 3-bit plane comes as rows 0-1, 2-3, 4-5 in w1, w1b, w2; else w1b
-    is unused. inv_g: 1 / group size (_group)."""
-    row1 = q1row + t * (2 * P1)
-    row2 = q2row + t * (2 * P2)
-    if P1 == 3:  # the 3-bit plane's 6 rows as three (2, BN) sub-tiles (tensor sizes are powers of two)
-        w1 = _rows(q_ptr, row1, offs_n, n_mask, N, 2)
-        w1b = _rows(q_ptr, row1 + 2, offs_n, n_mask, N, 2)
-        w2 = _rows(q_ptr, row1 + 4, offs_n, n_mask, N, 2)
+    first, qmatmul_h2.plane2_rows; the 3-bit plane as rows 0-1, 2-3, 4-5 in w1, w1b, w2, else w1b is unused).
+    inv_g: 1 / group size (_group)."""
+    if P1 == 3:
+        w1 = _rows(q_ptr, q1row + t * 6, offs_n, n_mask, N, 2)
+        w1b = _rows(q_ptr, q1row + t * 6 + 2, offs_n, n_mask, N, 2)
+        w2 = _rows(q_ptr, q1row + t * 6 + 4, offs_n, n_mask, N, 2)
     else:
-        w1 = _rows(q_ptr, row1, offs_n, n_mask, N, 2 * P1)
+        w1 = _plane_words(q_ptr, q1row + t * (2 * P1), offs_n, n_mask, N, P1)
         w1b = w1
         if H2 and P2 > 0:
-            w2 = plane2_rows(q_ptr, row2, offs_n, n_mask, N, P1, P2)
+            w2 = plane2_rows(q_ptr, q2row + t * (2 * P2), offs_n, n_mask, N, P1, P2)
         elif P2 > 0:
-            w2 = _rows(q_ptr, row2, offs_n, n_mask, N, 2 * P2)
+            w2 = _plane_words(q_ptr, q2row + t * (2 * P2), offs_n, n_mask, N, P2)
         else:
             w2 = w1
     s_lo, z_lo = _scale_zero(s_ptr, z_ptr, srow + _group(kk0 + t * 64, inv_g), offs_n, n_mask, N, HAS_ZEROS)
@@ -209,13 +254,13 @@ def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, sro
     127 for 4 bits, offline)."""
     Z0: tl.constexpr = 1 << (P1 + P2 - 1)
     inv_g = 1.0 / g.to(tl.float32)  # scale rows by multiplication (_group)
-    a1 = tl.zeros((P1 if (H2 != 0 and P1 == 4) else (2 if P1 == 3 else 2 * P1), BN), tl.float32)  # (h2: rows paired)
+    a1 = tl.zeros((2 if P1 == 3 else 2 * P1, BN), tl.float32)
     a2 = tl.zeros((2 * P2 if P2 > 0 else 1, BN), tl.float32)
     zc = tl.zeros((BN,), tl.float32)
     first = 0
     if PDL == 2:
-        w1, w1b, w2, s_lo, z_lo, s_hi, z_hi = _tile_load(q_ptr, s_ptr, z_ptr, 0, inv_g, q1row, q2row, srow,
-                                                              kk0, offs_n, n_mask, N, P1, P2, HAS_ZEROS, HAS_G32, H2)
+        w1, w1b, w2, s_lo, z_lo, s_hi, z_hi = _tile_load(q_ptr, s_ptr, z_ptr, 0, inv_g, q1row, q2row, srow, kk0, offs_n,
+                                                    n_mask, N, P1, P2, HAS_ZEROS, HAS_G32, H2)
         pdl.wait(PDL)
         a1, a2, zc = _tile_fma(a1, a2, zc, w1, w1b, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, tl.multiple_of(k0, 64),
                                ones, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM, HAS_G32, H2)
@@ -223,8 +268,8 @@ def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, sro
     # STAGES > 1: Triton's pipeliner copies the words of the next STAGES - 1 tiles into shared memory
     # (cp.async) while this one is decoded, so a warp keeps loads in flight without holding them in registers
     for t in tl.range(first, nt, num_stages=STAGES):
-        w1, w1b, w2, s_lo, z_lo, s_hi, z_hi = _tile_load(q_ptr, s_ptr, z_ptr, t, inv_g, q1row, q2row, srow,
-                                                              kk0, offs_n, n_mask, N, P1, P2, HAS_ZEROS, HAS_G32, H2)
+        w1, w1b, w2, s_lo, z_lo, s_hi, z_hi = _tile_load(q_ptr, s_ptr, z_ptr, t, inv_g, q1row, q2row, srow, kk0, offs_n,
+                                                    n_mask, N, P1, P2, HAS_ZEROS, HAS_G32, H2)
         a1, a2, zc = _tile_fma(a1, a2, zc, w1, w1b, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr,
                                tl.multiple_of(k0 + t * 64, 64), ones, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM,
                                HAS_G32, H2)
@@ -328,7 +373,7 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
     NORM_IN / RESID / GLU: the fused epilogue (_finish). With GLU, W is [gate; up] (N = 2I rows) and column
     block b takes gate columns b*BN/2 .. and the same up columns I + b*BN/2 .., so silu(gate) * up of BN/2
     outputs is finished in one program; the host makes sure I is a multiple of BN/2.
-    EVEN_N: every program's BN columns exist (no column masks: 614 -> 590 instructions in the 4-bit loop)."""
+    EVEN_N: every program's BN columns exist (no column masks: fewer predicated loads and zero fills)."""
     pdl.launch_dependents(PDL)
     if USE_DOT or PDL == 1:
         pdl.wait(PDL)

@@ -309,4 +309,11 @@ def test_gemv_switches_for_ab_runs(monkeypatch):
     monkeypatch.setenv("EMBER_GEMV_STAGES", "2")
     monkeypatch.setenv("EMBER_GEMV_PER_SM", "1")  # 1 program per SM on the CPU's "2 SMs": 2 splits of 32 tiles
     assert launch(4096, WIDE_N).num_stages == launch(4096, 4096).num_stages == 2
+    from ember.kernels.qmatmul import _even_n  # whole column blocks drop the masks unless EMBER_EVEN_N=0
+
+    gemv = launch(4096, 4096)
+    assert _even_n(gemv, 4096, False) and not _even_n(gemv, 4096 + 128, False)
+    assert _even_n(gemv, 2 * 4096, True) and not _even_n(gemv, 2 * (4096 + 128), True)
+    monkeypatch.setenv("EMBER_EVEN_N", "0")
+    assert not _even_n(gemv, 4096, False)
     assert launch(4096, 512).splits == 2
