@@ -73,7 +73,7 @@ def _switches() -> dict:
                 ember_gemv_stages=int(env("EMBER_GEMV_STAGES") or DEFAULTS["gemv"][2]),
                 ember_gemv_per_sm=int(env("EMBER_GEMV_PER_SM") or 0),  # 0: the launch tables' own
                 ember_gemv_wide_stages=int(env("EMBER_GEMV_WIDE_STAGES") or WIDE_STAGES),
-                ember_async_decode=int(async_decode()))
+                ember_even_n=int(env("EMBER_EVEN_N", "0") == "1"), ember_async_decode=int(async_decode()))
 
 
 def format_row(r: dict) -> str:

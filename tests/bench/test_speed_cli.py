@@ -32,6 +32,7 @@ def test_bench_json_line(folder, capsys, monkeypatch):
     assert row["ember_fuse"] == 1 and row["ember_h2"] == 1  # the kernel switches of the run
     assert row["dtype"] == "float32" and row["ember_gemv_stages"] == 1  # CPU default; no A/B switch set
     assert row["ember_async_decode"] == 1  # default: the pipelined decode loop (runner.launch / collect)
+    assert row["ember_even_n"] == 0
     monkeypatch.setenv("EMBER_FUSE", "0")
     monkeypatch.setenv("EMBER_ASYNC_DECODE", "0")  # one step, then its read
     assert main([*args, "--json", "-q"]) == 0

@@ -55,11 +55,12 @@ def check(qt, M, dtype, tiles=None, lead=(), large_mode="auto", configs=None):
 
 
 @pytest.mark.parametrize("bits", WIDTHS)
-def test_each_width(bits):
+def test_each_width(bits, monkeypatch):
     qt = make_qt([(192, bits, 64)], 40)  # K = 64*3, N not a multiple of the column block
     check(qt, 1, torch.float16)
     check(qt, 3, torch.float16, tiles=1)
     even = {"gemv": (32, 1, 1, 8), "small": (32, 4, 2, 4)}  # N a multiple of the block: no column masks
+    monkeypatch.setenv("EMBER_EVEN_N", "1")
     qt = make_qt([(192, bits, 64)], 64, seed=1)
     check(qt, 1, torch.float16, configs=even)
     check(qt, 1, torch.bfloat16, configs=even)
@@ -188,15 +189,17 @@ def test_gpu_grid(bits, M, dtype):
 @gpu
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8], ids=lambda b: f"b{b}")
 @pytest.mark.parametrize("stages", [1, 3], ids=lambda s: f"st{s}")
-def test_gpu_m1_pipelined_loop(bits, stages):
+def test_gpu_m1_pipelined_loop(bits, stages, monkeypatch):
     """The one-row loop, plain and software-pipelined, over several tiles per split (the grid test above gives
     a split one tile): splits of 7 tiles, the last one short, and one split of all 23 tiles; then groups of 32,
     zeros and a permutation next to a 4-bit segment (two kernel compilations per case)."""
     qt = make_qt([(64 * 23, bits, 64)], 1000)
     for tiles in (7, 23):
         check(qt, 1, torch.float16, tiles=tiles, configs={"gemv": (256, 2, stages, 8)})
-    qt = make_qt([(64 * 23, bits, 64)], 1024, seed=1)  # whole column blocks (EVEN_N: no column masks)
-    check(qt, 1, torch.float16, tiles=7, configs={"gemv": (256, 2, stages, 8)})
+    qt = make_qt([(64 * 23, bits, 64)], 1024, seed=1)  # whole column blocks, masks dropped (EMBER_EVEN_N=1)
+    with monkeypatch.context() as m:
+        m.setenv("EMBER_EVEN_N", "1")
+        check(qt, 1, torch.float16, tiles=7, configs={"gemv": (256, 2, stages, 8)})
     qt = make_qt([(64 * 10, bits, 32), (64 * 13, 4, 64)], 640, asym=True, use_perm=True)
     check(qt, 1, torch.float16, tiles=5, configs={"gemv": (512, 4, stages, 8)})
 
@@ -309,11 +312,11 @@ def test_gemv_switches_for_ab_runs(monkeypatch):
     monkeypatch.setenv("EMBER_GEMV_STAGES", "2")
     monkeypatch.setenv("EMBER_GEMV_PER_SM", "1")  # 1 program per SM on the CPU's "2 SMs": 2 splits of 32 tiles
     assert launch(4096, WIDE_N).num_stages == launch(4096, 4096).num_stages == 2
-    from ember.kernels.qmatmul import _even_n  # whole column blocks drop the masks unless EMBER_EVEN_N=0
+    from ember.kernels.qmatmul import _even_n  # EMBER_EVEN_N=1: whole column blocks drop the masks
 
     gemv = launch(4096, 4096)
+    assert not _even_n(gemv, 4096, False)  # off by default (slower, call H4)
+    monkeypatch.setenv("EMBER_EVEN_N", "1")
     assert _even_n(gemv, 4096, False) and not _even_n(gemv, 4096 + 128, False)
     assert _even_n(gemv, 2 * 4096, True) and not _even_n(gemv, 2 * (4096 + 128), True)
-    monkeypatch.setenv("EMBER_EVEN_N", "0")
-    assert not _even_n(gemv, 4096, False)
     assert launch(4096, 512).splits == 2
