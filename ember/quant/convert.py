@@ -22,7 +22,7 @@ from ember.io.source import open_source
 from ember.quant.allocate import allocate
 from ember.quant.calibrate import calibrate, default_files
 from ember.quant.candidates import CANDIDATES, Candidate, min_max_bpw
-from ember.quant.format import write_manifest
+from ember.quant.format import FORMAT_VERSION, write_manifest
 from ember.quant.gptq import DAMP, block_size
 from ember.quant.job import Job, key_of
 from ember.quant.measure import measure
@@ -140,7 +140,9 @@ def convert(input: str | Path, output: str | Path, bpw: float, head_bits: int = 
 
     # 4. quantize
     t = time.perf_counter()
-    qkey = key_of({"measure": mkey, "choice": alloc["choice"], "head_bits": head_bits, "version": 1})
+    # the stage stores packed tensors: a job begun under another format version must quantize again
+    qkey = key_of({"measure": mkey, "choice": alloc["choice"], "head_bits": head_bits, "version": 1,
+                   "format": FORMAT_VERSION})
     folder = f"quant-{qkey}"
     job.check_key(folder, qkey)
     quantize_layers(job, folder, model, runner, tokens, plan, head_bits, progress)
