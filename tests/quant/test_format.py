@@ -173,7 +173,7 @@ def test_rtn_error_decreases_with_bits(sym):
 def test_version_1_three_bit_planes_are_repacked_on_load(tmp_path):
     """A version 1 file stored 3-bit codes as a 2-bit and a 1-bit plane: `upgrade` and the loader's ember hook
     turn them into the 3-bit plane (same rows), and leave the other widths and version 2 files alone."""
-    import torch.nn as nn
+    from torch import nn
 
     from ember.layers.linear import Linear
     from ember.quant.load import ember_hook
