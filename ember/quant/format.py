@@ -119,10 +119,10 @@ def _pack3(c: torch.Tensor) -> torch.Tensor:
     """c (N, L) values < 8 -> int32 (L*3/32, N), the 3-bit plane (_slots3)."""
     N, L = c.shape
     c = c.to(torch.int64).reshape(N, L // BLOCK, 1, BLOCK)  # (N, B, 1, 64)
-    e, sh = _slots3()
+    e, sh = (t.to(c.device) for t in _slots3())
     lo = (c[..., e] << sh).sum(-1)  # (N, B, 6): disjoint fields, so sum == or
     hi = (c[..., e + 32] << (sh + 16)).sum(-1)
-    u, t = torch.arange(6) // 2, torch.arange(6) % 2
+    u, t = torch.arange(6, device=c.device) // 2, torch.arange(6, device=c.device) % 2
     spare = ((c[..., 30 + t] >> u) & 1) << 15 | ((c[..., 62 + t] >> u) & 1) << 31
     words = (lo | hi | spare).reshape(N, -1)
     words = torch.where(words >= 2**31, words - 2**32, words)
@@ -214,17 +214,22 @@ def unpack_codes(qt: QuantizedTensor, planes: dict[int, tuple[int, ...]] = PLANE
     return torch.cat(parts, 1)
 
 
-def upgrade(qt: QuantizedTensor, version: int) -> QuantizedTensor:
+def upgrade(qt: QuantizedTensor, version: int, chunk: int = 4096) -> QuantizedTensor:
     """A QuantizedTensor read from a file of format `version` -> the current layout: version 1's 3-bit
-    segments (a 2-bit and a 1-bit plane) are repacked as the 3-bit plane, in place of the same rows."""
+    segments (a 2-bit and a 1-bit plane) are repacked as the 3-bit plane, in place of the same rows, `chunk`
+    output columns at a time (bounded temporary memory for large matrices), on qt's device."""
     segs = _segment_list(qt.segments)
     if version == FORMAT_VERSION or not any(b == 3 for _k, _l, b, *_ in segs):
         return qt
-    codes = unpack_codes(qt, PLANES_V1)
     qweight = qt.qweight.clone()
-    for k0, k_len, bits, _g, qrow, _sr in segs:
-        if bits == 3:
-            qweight[qrow:qrow + k_len * 3 // 32] = _pack3(codes[:, k0:k0 + k_len].cpu()).to(qweight.device)
+    for _k0, k_len, bits, _g, qrow, _sr in segs:
+        if bits != 3:
+            continue
+        lo, hi, end = qrow, qrow + k_len * 2 // 32, qrow + k_len * 3 // 32  # 2-bit plane rows, then 1-bit
+        for c in range(0, qt.out_features, chunk):
+            cols = slice(c, c + chunk)
+            codes = _unpack_plane(qweight[lo:hi, cols], 2) | (_unpack_plane(qweight[hi:end, cols], 1) << 2)
+            qweight[lo:end, cols] = _pack3(codes)
     return replace(qt, qweight=qweight)
 
 

@@ -84,9 +84,9 @@ def ember_hook(model: nn.Module, source, device) -> set[str]:
     for name, mod in list(model.named_modules()):
         if isinstance(mod, Linear) and f"{name}.qweight" in lazy:
             pieces = {f"{name}.{p}": lazy[f"{name}.{p}"] for p in PIECES if f"{name}.{p}" in lazy}
-            qt = upgrade(QuantizedTensor.from_state_dict(name, pieces), version)
+            qt = QuantizedTensor.from_state_dict(name, pieces)
             _check(qt, mod, name)
-            _replace(model, name, QuantLinear(qt.to(device)))
+            _replace(model, name, QuantLinear(upgrade(qt.to(device), version)))  # (repacked on the device)
     return used
 
 

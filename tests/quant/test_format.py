@@ -188,6 +188,7 @@ def test_version_1_three_bit_planes_are_repacked_on_load(tmp_path):
     assert torch.equal(unpack_codes(v1, PLANES_V1), codes.to(torch.int32))
     assert not torch.equal(old, qt.qweight)
     assert torch.equal(upgrade(v1, 1).qweight, qt.qweight) and upgrade(qt, FORMAT_VERSION) is qt
+    assert torch.equal(upgrade(v1, 1, chunk=7).qweight, qt.qweight)  # column chunks that do not divide N
 
     class Folder:  # the tensor store of an ember folder, as the loader passes it to the hook
         folder = tmp_path
