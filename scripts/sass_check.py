@@ -57,8 +57,10 @@ def compile_kernel(args) -> tuple[str, str, str, int]:
     return k.asm["ptx"], sass, res, k.metadata.shared  # shared: bytes per program, dynamic included
 
 
-def loops(sass: str) -> list[tuple[int, list]]:
-    """(instructions, most common ops) of each backward branch's body."""
+def loops(sass: str) -> list[tuple[int, list, str]]:
+    """(instructions, most common ops, where the global loads sit) of each backward branch's body. The last:
+    how many loads come before the first FP16/FP32 multiply-add (HFMA2, FFMA) and how many after it; in the
+    one-row loop those after it wait for a round trip each (docs/dev/qmatmul-notes.md, sixth session)."""
     lines = sass.splitlines()
     labels = {ln.strip()[:-1]: i for i, ln in enumerate(lines) if re.match(r"\s*\.L_x_\d+:", ln)}
     out = []
@@ -66,9 +68,12 @@ def loops(sass: str) -> list[tuple[int, list]]:
         m = re.search(r"BRA `\((\.L_x_\d+)\)", ln)
         if m and labels.get(m.group(1), i) < i:
             body = [x for x in lines[labels[m.group(1)]:i + 1] if re.search(r"/\*[0-9a-f]{4}\*/", x)]
-            ops = collections.Counter(re.sub(r"^@!?U?P\w+ ", "", x.split("*/")[1].strip()).split()[0].split(".")[0]
-                                      for x in body)
-            out.append((len(body), ops.most_common(6)))
+            names = [re.sub(r"^@!?U?P\w+ ", "", x.split("*/")[1].strip()).split()[0].split(".")[0] for x in body]
+            first = next((k for k, n in enumerate(names) if n in ("HFMA2", "FFMA")), len(names))
+            before = sum(n in ("LDG", "LDGSTS") for n in names[:first])
+            after = sum(n in ("LDG", "LDGSTS") for n in names[first:])
+            out.append((len(body), collections.Counter(names).most_common(6),
+                        f"global loads before the first multiply-add {before}, after it {after}"))
     return out
 
 
@@ -94,8 +99,8 @@ def main() -> None:
     print(f"triton {triton.__version__}, sm_90: registers {regs.group(1) if regs else '?'}, shared memory "
           f"{shared} bytes")
     print("global loads in the PTX:", dict(collections.Counter(re.findall(r"ld\.global[\.\w]*", ptx))))
-    for n, ops in loops(sass):
-        print(f"loop: {n} SASS instructions; {ops}")
+    for n, ops, loads in loops(sass):
+        print(f"loop: {n} SASS instructions; {ops}; {loads}")
 
 
 if __name__ == "__main__":
