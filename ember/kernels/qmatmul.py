@@ -195,8 +195,8 @@ def _glu_fits(launch: Launch, N: int) -> bool:
 
 def _even_n(launch: Launch, N: int, glu: bool) -> bool:
     """EMBER_EVEN_N=1 and every column block whole (with GLU: of each half): the kernel drops its column masks.
-    Off by default: 22 fewer SASS instructions a 4-bit tile (696 -> 674), yet the 8B decode fell from 457.0 / 457.4 to
-    442.9 / 442.3 tok/s (call H4, docs/dev/qmatmul-notes.md)."""
+    Off by default: 22 fewer SASS instructions a 4-bit tile (696 -> 674), yet the 8B decode fell from
+    457.0 / 457.4 to 442.9 / 442.3 tok/s (call H4, docs/dev/qmatmul-notes.md)."""
     whole = (N // 2) % (launch.block_n // 2) == 0 if glu else N % launch.block_n == 0
     return whole and os.environ.get("EMBER_EVEN_N", "0") == "1"
 
