@@ -68,59 +68,26 @@ def _rows(q_ptr, row, offs_n, n_mask, N, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _plane_part3(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN: tl.constexpr, ROW0: tl.constexpr,
-                 SLOTS: tl.constexpr, Z0: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
-                 HAS_G32: tl.constexpr):
-    """_plane_part for two word rows of the 3-bit plane (rows ROW0, ROW0 + 1; or the spare-bit codes, one
-    field a half, with ROW0 = 30): field j (bit 3j) of the low half of row t is input 6j + t, the same field
-    of the high half that input + 32 -> (lo, hi) partial sums (2, BN)."""
-    w_hi = w >> 16
-    part_lo = tl.zeros((2, BN), tl.float32)
-    part_hi = tl.zeros((2, BN), tl.float32)
-    for half in tl.static_range(2):
-        for j in tl.static_range(SLOTS):
-            S = 3 * j
-            if half == 0:
-                h = w
-            else:
-                h = w_hi
-            f = ((h & ((ones & 7) << S)) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + v*2^S
-            if HAS_ZEROS:
-                if HAS_G32 and half == 1:
-                    f = f - (z_hi * (1 << S) + MAGIC)[None, :]
-                else:
-                    f = f - (z_lo * (1 << S) + MAGIC)[None, :]
-            else:
-                f = f - (MAGIC + Z0 * (1 << S))
-            idx = kb + 6 * j + ROW0 + 32 * half + tl.arange(0, 2)
-            if HAS_PERM:
-                idx = tl.load(perm_ptr + idx)
-            xj = tl.load(x_ptr + idx).to(tl.float32) * (1.0 / (1 << S))  # (2,)
-            if HAS_G32 and half == 1:
-                part_hi += xj[:, None] * f
-            else:
-                part_lo += xj[:, None] * f
-    return part_lo, part_hi
-
-
-@triton.jit
 def _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN: tl.constexpr, P: tl.constexpr,
                 WITH_ZERO: tl.constexpr, Z0: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
-                HAS_G32: tl.constexpr):
-    """Partial sums (R, BN) of x * (plane - zero) over the V slots of one plane of one block of 64, for
-    inputs 0..31 (lo) and 32..63 (hi; only when HAS_G32, else everything is in lo).
+                HAS_G32: tl.constexpr, ROW0: tl.constexpr = 0, ROWS: tl.constexpr = 0, SLOTS: tl.constexpr = 0):
+    """Partial sums (ROWS, BN) of x * (plane - zero) over the fields of word rows ROW0 .. ROW0 + ROWS of one
+    plane of one block of 64 (default: all 2P rows), for inputs 0..31 (lo) and 32..63 (hi; only when HAS_G32,
+    else everything is in lo).
 
-    Slot j sits at bit S = j*P % 16 of the low or high 16-bit half of each word: (half & (mask << S)) | magic
-    is 2^23 + v * 2^S exactly (one LOP3), minus 2^23 + z * 2^S gives (v - z) * 2^S; the 2^-S goes on x,
-    which each thread loads once for all its columns."""
-    V: tl.constexpr = 32 // P
+    Each 16-bit half of a word holds SLOTS fields (default 16 // P; the 3-bit plane: 5, or 1 for its spare-bit
+    codes): field j at bit S = j*P of the low half of row t is input j*2P + t, the same field of the high half
+    that input + 32 (docs/format.md). (half & (mask << S)) | magic is 2^23 + v * 2^S exactly (one LOP3), minus
+    2^23 + z * 2^S gives (v - z) * 2^S; the 2^-S goes on x, which each thread loads once for all its columns."""
     R: tl.constexpr = 2 * P
+    NR: tl.constexpr = ROWS if ROWS > 0 else R
+    H: tl.constexpr = SLOTS if SLOTS > 0 else 16 // P
     w_hi = w >> 16
-    part_lo = tl.zeros((R, BN), tl.float32)
-    part_hi = tl.zeros((R, BN), tl.float32)
-    for j in tl.static_range(V):
-        S = (j * P) % 16
-        if j * P < 16:
+    part_lo = tl.zeros((NR, BN), tl.float32)
+    part_hi = tl.zeros((NR, BN), tl.float32)
+    for j in tl.static_range(2 * H):  # low half's fields, then the high half's
+        S = (j % H) * P
+        if j < H:
             h = w
         else:
             h = w_hi
@@ -129,7 +96,7 @@ def _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN: tl.constexpr, P: t
         f = ((h & ((ones & ((1 << P) - 1)) << S)) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + v*2^S
         if WITH_ZERO:
             if HAS_ZEROS:
-                if HAS_G32 and j >= V // 2:
+                if HAS_G32 and j >= H:
                     f = f - (z_hi * (1 << S) + MAGIC)[None, :]
                 else:
                     f = f - (z_lo * (1 << S) + MAGIC)[None, :]
@@ -137,12 +104,12 @@ def _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN: tl.constexpr, P: t
                 f = f - (MAGIC + Z0 * (1 << S))
         else:
             f = f - MAGIC
-        idx = kb + j * R + tl.arange(0, R)
+        idx = kb + (j % H) * R + (j // H) * 32 + ROW0 + tl.arange(0, NR)
         if HAS_PERM:
             idx = tl.load(perm_ptr + idx)
-        xj = tl.load(x_ptr + idx).to(tl.float32)  # (R,)
+        xj = tl.load(x_ptr + idx).to(tl.float32)  # (NR,)
         xj = xj * (1.0 / (1 << S))
-        if HAS_G32 and j >= V // 2:
+        if HAS_G32 and j >= H:
             part_hi += xj[:, None] * f
         else:
             part_lo += xj[:, None] * f
@@ -184,8 +151,8 @@ def _tile_fma(a1, a2, zc, w1, w1b, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, 
                 w = w2
             else:
                 w = spare3(w1, w1b, w2)
-            lo, hi = _plane_part3(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN, 2 * u if u < 3 else 30,
-                                  5 if u < 3 else 1, Z0, HAS_ZEROS, HAS_PERM, HAS_G32)
+            lo, hi = _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN, 3, True, Z0, HAS_ZEROS, HAS_PERM,
+                                 HAS_G32, 2 * u if u < 3 else 30, 2, 5 if u < 3 else 1)
             a1 += lo * s_lo[None, :]
             if HAS_G32:
                 a1 += hi * s_hi[None, :]
