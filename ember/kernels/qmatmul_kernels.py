@@ -123,22 +123,19 @@ def _tile_fma(a1, a2, zc, w1, w1b, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, 
     """Accumulate one block of 64 inputs (plane words w1 / w2, the 3-bit plane's rows in w1, w1b, w2; group
     scales) into a1 / a2; with H2 (packed halves, qmatmul_h2.py) the first plane is centred at Z0 and zc
     collects (z - Z0) * s * sum(x)."""
-    if H2 and P1 == 3:
-        lo, hi, sx_lo, sx_hi = plane_part3_h2(w1, w1b, w2, x_ptr, perm_ptr, kb, ones, BN, Z0, HAS_PERM, HAS_ZEROS,
-                                              HAS_G32, H2 == 2)
-        if HAS_G32:
-            a1 += lo * (16.0 * s_lo)[None, :] + hi * (16.0 * s_hi)[None, :]
-        else:  # lo holds both halves
-            a1 += lo * (16.0 * s_lo)[None, :]
-        if HAS_ZEROS:
-            zc += (z_lo - Z0) * s_lo * sx_lo + (z_hi - Z0) * s_hi * sx_hi
-    elif H2:
-        lo, hi, sx_lo, sx_hi = plane_part_h2(w1, w2, x_ptr, perm_ptr, kb, ones, BN, P1, P2, Z0, HAS_PERM,
-                                             HAS_ZEROS, H2 == 2)
+    if H2:
+        if P1 == 3:  # without G32, lo holds both halves (summed in fp16)
+            lo, hi, sx_lo, sx_hi = plane_part3_h2(w1, w1b, w2, x_ptr, perm_ptr, kb, ones, BN, Z0, HAS_PERM,
+                                                  HAS_ZEROS, HAS_G32, H2 == 2)
+        else:
+            lo, hi, sx_lo, sx_hi = plane_part_h2(w1, w2, x_ptr, perm_ptr, kb, ones, BN, P1, P2, Z0, HAS_PERM,
+                                                 HAS_ZEROS, H2 == 2)
+            if not HAS_G32:
+                lo = lo + hi
         if HAS_G32:
             a1 += lo * (16.0 * s_lo)[None, :] + hi * (16.0 * s_hi)[None, :]
         else:
-            a1 += (lo + hi) * (16.0 * s_lo)[None, :]
+            a1 += lo * (16.0 * s_lo)[None, :]
         if HAS_ZEROS:
             zc += (z_lo - Z0) * s_lo * sx_lo + (z_hi - Z0) * s_hi * sx_hi
     elif P1 == 3:  # the 3-bit plane by row groups, then the codes in the spare bits
