@@ -109,12 +109,6 @@ def plane_part_h2(w, w2, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr, P: tl.cons
     whole code (first plane + 2^P * second plane); sx_lo / sx_hi: the sums of those inputs (fp32 scalars,
     when SUM_X; for the zero-point correction). x is fp16; ones is the runtime -1 (the fp16 magic built from
     it stays in a register: with the mask also an immediate, ptxas would re-materialize one per LOP3)."""
-    V: tl.constexpr = 32 // P
-    R: tl.constexpr = 2 * P
-    H: tl.constexpr = V // 2
-    M: tl.constexpr = (1 << P) - 1
-    M2: tl.constexpr = (1 << P2) - 1
-    B: tl.constexpr = P + P2  # code bits: 1024 + code * 2^S is exact while S + B <= 10
     w8 = w >> 8  # slots higher up are taken 8 bits lower (only bits 0..7 of each half are read from w8)
     w2d = w  # (unused for one plane)
     w28 = w
@@ -123,29 +117,12 @@ def plane_part_h2(w, w2, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr, P: tl.cons
         w2d = (w2u << P).to(tl.int32, bitcast=True)
         w28 = ((w2u >> 8) << P).to(tl.int32, bitcast=True)
     magic = ones & 0x64006400
-    acc = tl.zeros((R, BN), tl.int32)
+    acc = tl.zeros((2 * P, BN), tl.int32)
     sx_lo = 0.0
     sx_hi = 0.0
-    xrow = x_ptr + kb + tl.arange(0, R)  # one 64-bit address per thread; the slots add constant offsets
-    for j in tl.static_range(H):
-        S = j * P
-        if HAS_PERM:
-            ia = kb + j * R + tl.arange(0, R)
-            xa = tl.load(x_ptr + tl.load(perm_ptr + ia))
-            xb = tl.load(x_ptr + tl.load(perm_ptr + ia + H * R))
-        else:
-            xa = tl.load(xrow + j * R)
-            xb = tl.load(xrow + (j + H) * R)
-        if SUM_X:
-            sx_lo += tl.sum(xa.to(tl.float32))
-            sx_hi += tl.sum(xb.to(tl.float32))
-        xp = (_bits16(xa) | (_bits16(xb) << 16))[:, None]
-        if S + B <= 10:
-            acc = _step(acc, w, w2d, (M << S) | (M << (S + 16)), (M2 << (S + P)) | (M2 << (S + P + 16)),
-                        1.0 / (1 << (S + 4)), -(1024.0 + Z * (1 << S)) / (1 << (S + 4)), xp, magic, P2 > 0, ASM)
-        else:
-            acc = _step(acc, w8, w28, (M << (S - 8)) | (M << (S + 8)), (M2 << (S - 8 + P)) | (M2 << (S + 8 + P)),
-                        1.0 / (1 << (S - 4)), -(1024.0 + Z * (1 << (S - 8))) / (1 << (S - 4)), xp, magic, P2 > 0, ASM)
+    for j in tl.static_range(16 // P):
+        acc, sx_lo, sx_hi = _slot(acc, w, w8, w2d, w28, x_ptr, x_ptr, perm_ptr, kb, j, 0, magic, sx_lo, sx_hi, P,
+                                  P2, Z, 2 * P, HAS_PERM, SUM_X, False, ASM)
     lo, hi = halves(acc, ASM)
     return lo, hi, sx_lo, sx_hi
 
@@ -170,36 +147,41 @@ def _x_pairs(xw, E0: tl.constexpr, ROWS: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _slot(acc, w, w8, x_ptr, xw, perm_ptr, kb, J: tl.constexpr, ROW0: tl.constexpr, magic, sx_lo, sx_hi,
-          P: tl.constexpr, Z: tl.constexpr, ROWS: tl.constexpr, HAS_PERM: tl.constexpr, SUM_X: tl.constexpr,
-          ASM: tl.constexpr):
-    """acc (ROWS, BN) f16x2 += the products of field J of both halves of one-plane word rows ROW0 .. ROW0 + ROWS
-    of a block of 64 at kb: field J (bit J*P) of row t is input J*2P + t, + 32 in the high half
-    (docs/format.md). w8 = w >> 8 serves the fields above bit 10 - P; x at x_ptr, or as int32 words from xw."""
+def _slot(acc, w, w8, w2d, w28, x_ptr, xw, perm_ptr, kb, J: tl.constexpr, ROW0: tl.constexpr, magic, sx_lo, sx_hi,
+          P: tl.constexpr, P2: tl.constexpr, Z: tl.constexpr, ROWS: tl.constexpr, HAS_PERM: tl.constexpr,
+          SUM_X: tl.constexpr, XPRMT: tl.constexpr, ASM: tl.constexpr):
+    """acc (ROWS, BN) f16x2 += the products of field J of both halves of word rows ROW0 .. ROW0 + ROWS of a
+    block of 64 at kb: field J (bit J*P) of row t is input J*2P + t, + 32 in the high half (docs/format.md).
+    w8 = w >> 8 serves the fields above bit 10 - P; w2d / w28: the second plane (P2 > 0) moved just above the
+    first plane's bits, from w2 and w2 >> 8. x pairs: fp16 loads, or with XPRMT (and no permutation or sum of
+    x) int32 words of x from xw = x_ptr + kb, one PRMT a pair (`_x_pairs`)."""
     R: tl.constexpr = 2 * P
     M: tl.constexpr = (1 << P) - 1
+    M2: tl.constexpr = (1 << P2) - 1
+    B: tl.constexpr = P + P2  # code bits: 1024 + code * 2^S is exact while S + B <= 10
     S: tl.constexpr = J * P
     E0: tl.constexpr = J * R + ROW0  # inputs kb + E0 + t (low halves) and kb + E0 + 32 + t (high halves)
-    if HAS_PERM or SUM_X:
-        ia = kb + E0 + tl.arange(0, ROWS)
+    if XPRMT and not (HAS_PERM or SUM_X):
+        xp = _x_pairs(xw, E0, ROWS, ASM)[:, None]
+    else:
         if HAS_PERM:
+            ia = kb + E0 + tl.arange(0, ROWS)
             xa = tl.load(x_ptr + tl.load(perm_ptr + ia))
             xb = tl.load(x_ptr + tl.load(perm_ptr + ia + 32))
         else:
-            xa = tl.load(x_ptr + ia)
-            xb = tl.load(x_ptr + ia + 32)
+            xrow = x_ptr + kb + ROW0 + tl.arange(0, ROWS)  # one 64-bit address; the fields add constant offsets
+            xa = tl.load(xrow + J * R)
+            xb = tl.load(xrow + J * R + 32)
         if SUM_X:
             sx_lo += tl.sum(xa.to(tl.float32))
             sx_hi += tl.sum(xb.to(tl.float32))
         xp = (_bits16(xa) | (_bits16(xb) << 16))[:, None]
+    if S + B <= 10:
+        acc = _step(acc, w, w2d, (M << S) | (M << (S + 16)), (M2 << (S + P)) | (M2 << (S + P + 16)),
+                    1.0 / (1 << (S + 4)), -(1024.0 + Z * (1 << S)) / (1 << (S + 4)), xp, magic, P2 > 0, ASM)
     else:
-        xp = _x_pairs(xw, E0, ROWS, ASM)[:, None]
-    if S + P <= 10:  # 1024 + code * 2^S is exact
-        acc = _step(acc, w, w, (M << S) | (M << (S + 16)), 0, 1.0 / (1 << (S + 4)),
-                    -(1024.0 + Z * (1 << S)) / (1 << (S + 4)), xp, magic, False, ASM)
-    else:
-        acc = _step(acc, w8, w8, (M << (S - 8)) | (M << (S + 8)), 0, 1.0 / (1 << (S - 4)),
-                    -(1024.0 + Z * (1 << (S - 8))) / (1 << (S - 4)), xp, magic, False, ASM)
+        acc = _step(acc, w8, w28, (M << (S - 8)) | (M << (S + 8)), (M2 << (S - 8 + P)) | (M2 << (S + 8 + P)),
+                    1.0 / (1 << (S - 4)), -(1024.0 + Z * (1 << (S - 8))) / (1 << (S - 4)), xp, magic, P2 > 0, ASM)
     return acc, sx_lo, sx_hi
 
 
@@ -240,15 +222,15 @@ def plane_part3_h2(w, wb, w2, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr, Z: tl
     acc2 = tl.zeros((2, BN), tl.int32)
     w8, wb8, w28 = w >> 8, wb >> 8, w2 >> 8
     for j in tl.static_range(5):
-        acc0, sx_lo, sx_hi = _slot(acc0, w, w8, x_ptr, xw, perm_ptr, kb, j, 0, magic, sx_lo, sx_hi, 3, Z, 2,
-                                   HAS_PERM, SUM_X, ASM)
-        acc1, sx_lo, sx_hi = _slot(acc1, wb, wb8, x_ptr, xw, perm_ptr, kb, j, 2, magic, sx_lo, sx_hi, 3, Z, 2,
-                                   HAS_PERM, SUM_X, ASM)
-        acc2, sx_lo, sx_hi = _slot(acc2, w2, w28, x_ptr, xw, perm_ptr, kb, j, 4, magic, sx_lo, sx_hi, 3, Z, 2,
-                                   HAS_PERM, SUM_X, ASM)
+        acc0, sx_lo, sx_hi = _slot(acc0, w, w8, w, w, x_ptr, xw, perm_ptr, kb, j, 0, magic, sx_lo, sx_hi,
+                                   3, 0, Z, 2, HAS_PERM, SUM_X, True, ASM)
+        acc1, sx_lo, sx_hi = _slot(acc1, wb, wb8, wb, wb, x_ptr, xw, perm_ptr, kb, j, 2, magic, sx_lo, sx_hi,
+                                   3, 0, Z, 2, HAS_PERM, SUM_X, True, ASM)
+        acc2, sx_lo, sx_hi = _slot(acc2, w2, w28, w2, w2, x_ptr, xw, perm_ptr, kb, j, 4, magic, sx_lo, sx_hi,
+                                   3, 0, Z, 2, HAS_PERM, SUM_X, True, ASM)
     sp = spare3(w, wb, w2)  # one more field per half: inputs 30 + t and 62 + t
-    acc0, sx_lo, sx_hi = _slot(acc0, sp, sp, x_ptr, xw, perm_ptr, kb, 0, 30, magic, sx_lo, sx_hi, 3, Z, 2,
-                               HAS_PERM, SUM_X, ASM)
+    acc0, sx_lo, sx_hi = _slot(acc0, sp, sp, sp, sp, x_ptr, xw, perm_ptr, kb, 0, 30, magic, sx_lo, sx_hi,
+                               3, 0, Z, 2, HAS_PERM, SUM_X, True, ASM)
     lo, hi = _to_f32(acc0, G32, ASM)
     lo1, hi1 = _to_f32(acc1, G32, ASM)
     lo2, hi2 = _to_f32(acc2, G32, ASM)
