@@ -200,18 +200,21 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
         bias=bias, in_features=K, out_features=N)
 
 
+def _segment_codes(words: torch.Tensor, k_len: int, planes: tuple[int, ...]) -> torch.Tensor:
+    """A segment's rows of qweight (k_len * bits / 32, N), stored as `planes` -> (N, k_len) int32 codes."""
+    code, shift, row = None, 0, 0
+    for p in planes:
+        n_rows = k_len * p // 32
+        plane = _unpack_plane(words[row:row + n_rows], p)
+        code = plane if code is None else code | (plane << shift)
+        shift, row = shift + p, row + n_rows
+    return code
+
+
 def unpack_codes(qt: QuantizedTensor, planes: dict[int, tuple[int, ...]] = PLANES) -> torch.Tensor:
     """(N, K) int32 codes in permuted input order (`planes`: PLANES_V1 for a version 1 qweight)."""
-    parts = []
-    for _k0, k_len, bits, _g, qrow, _sr in _segment_list(qt.segments):
-        code, shift, row = None, 0, qrow
-        for p in planes[bits]:
-            n_rows = k_len * p // 32
-            plane = _unpack_plane(qt.qweight[row:row + n_rows], p)
-            code = plane if code is None else code | (plane << shift)
-            shift, row = shift + p, row + n_rows
-        parts.append(code)
-    return torch.cat(parts, 1)
+    return torch.cat([_segment_codes(qt.qweight[qrow:qrow + k_len * bits // 32], k_len, planes[bits])
+                      for _k0, k_len, bits, _g, qrow, _sr in _segment_list(qt.segments)], 1)
 
 
 def upgrade(qt: QuantizedTensor, version: int, chunk: int = 4096) -> QuantizedTensor:
@@ -225,11 +228,10 @@ def upgrade(qt: QuantizedTensor, version: int, chunk: int = 4096) -> QuantizedTe
     for _k0, k_len, bits, _g, qrow, _sr in segs:
         if bits != 3:
             continue
-        lo, hi, end = qrow, qrow + k_len * 2 // 32, qrow + k_len * 3 // 32  # 2-bit plane rows, then 1-bit
+        rows = slice(qrow, qrow + k_len * 3 // 32)
         for c in range(0, qt.out_features, chunk):
             cols = slice(c, c + chunk)
-            codes = _unpack_plane(qweight[lo:hi, cols], 2) | (_unpack_plane(qweight[hi:end, cols], 1) << 2)
-            qweight[lo:end, cols] = _pack3(codes)
+            qweight[rows, cols] = _pack3(_segment_codes(qweight[rows, cols], k_len, PLANES_V1[3]))
     return replace(qt, qweight=qweight)
 
 
