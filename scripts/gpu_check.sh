@@ -66,6 +66,13 @@ ab8b() {  # ab8b TAG FILE [VAR=value ...]: the 8B decode row of an A/B arm, pref
   env "$@" python3 -m ember.cli bench --json -q --synthetic llama3-8b --bpw ${AB_BPW:-4.0} --head-bits 8 \
     --prompt-len 512 --gen-len 128 2>>"$OUT/bench_err.log" | tail -1 | sed "s|^|$tag |" | tee -a "$OUT/$file"
 }
+abarms() {  # abarms FILE ARM...: ab8b of each arm, VAR=value[,VAR=value] (a BPW=b entry sets the arm's bpw)
+  local file=$1 arm b; shift
+  for arm in "$@"; do
+    b=$(sed -n 's/.*BPW=\([0-9.]*\).*/\1/p' <<< "$arm")
+    AB_BPW=${b:-${AB_BPW:-4.0}} ab8b "arm=$arm" "$file" ${arm//,/ }
+  done
+}
 if has h2 || has qtests; then  # the quantized-matmul GPU tests of the one-row path and mixed widths
   log "qmatmul GPU tests (one-row and mixed)"
   timeout "${QTEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider \
@@ -73,18 +80,14 @@ if has h2 || has qtests; then  # the quantized-matmul GPU tests of the one-row p
 fi
 if has h2; then  # packed-half decode (kernels/qmatmul_h2.py): A/B against the fp32 decode
   log "8B decode, EMBER_H2=0 (fp32 decode) / 1 (packed halves)"
-  for m in 0 1; do
-    ab8b "h2=$m" h2.txt EMBER_H2=$m
-  done
+  abarms h2.txt EMBER_H2=0 EMBER_H2=1
   for bpw in 2.5 3.0; do bench --synthetic llama3-8b --bpw $bpw --head-bits 8 --prompt-len 512 --gen-len 128; done
   log "qmatmul batch 1, EMBER_H2=0 / 1"
   for m in 0 1; do EMBER_H2=$m python3 scripts/bench_qmatmul.py --quick > "$OUT/qmatmul_h2_$m.txt" 2>&1; tail -14 "$OUT/qmatmul_h2_$m.txt"; done
 fi
 if has fuse; then  # the fused decode layer (models/llama.py, kernels/epilogue.py): A/B in one call
   log "8B decode, EMBER_FUSE=0 (separate norm / SiLU / rope / merge kernels) / 1 (fused)"
-  for m in 0 1 0 1; do
-    ab8b "fuse=$m" fuse.txt EMBER_FUSE=$m
-  done
+  abarms fuse.txt EMBER_FUSE=0 EMBER_FUSE=1 EMBER_FUSE=0 EMBER_FUSE=1
 fi
 if has stages; then  # one-row matmul variants (qmatmul.py, qmatmul_kernels._loop_fma): A/B in one call
   # arms: loop stages / programs per SM / stages of the wide outputs only, "-" = the launch tables'
@@ -119,16 +122,11 @@ if has base && [ -d .base ]; then  # this tree against an earlier one (git archi
 fi
 if has ab; then  # AB_ARMS: space-separated arms, each VAR=value[,VAR=value]: one 8B decode row each (BPW=b: bpw)
   log "8B decode A/B (${AB_ARMS:?set AB_ARMS}) at ${AB_BPW:-4.0} bpw"
-  for arm in $AB_ARMS; do  # a BPW=b entry sets the arm's bpw
-    vars=${arm//,/ }; b=$(sed -n 's/.*BPW=\([0-9.]*\).*/\1/p' <<< "$arm")
-    AB_BPW=${b:-${AB_BPW:-4.0}} ab8b "arm=$arm" ab.txt ${vars}
-  done
+  abarms ab.txt $AB_ARMS
 fi
 if has async; then  # the pipelined streaming decode (engine/runner.py greedy_tokens): A/B in one call
   log "8B decode, EMBER_ASYNC_DECODE=0 (step, then read) / 1 (next step queued before the read)"
-  for m in 0 1 0 1; do
-    ab8b "async=$m" async.txt EMBER_ASYNC_DECODE=$m
-  done
+  abarms async.txt EMBER_ASYNC_DECODE=0 EMBER_ASYNC_DECODE=1 EMBER_ASYNC_DECODE=0 EMBER_ASYNC_DECODE=1
 fi
 if has bench8b; then
   log "bandwidth"; python3 bench/baselines/bandwidth.py | tee "$OUT/bandwidth.txt"
@@ -155,9 +153,7 @@ if has bench8b && has full; then
 fi
 if has pdl; then
   log "PDL modes (EMBER_PDL=0 off, 1 wait at start, 2 first weight tile before the wait)"
-  for m in 0 1 2; do
-    ab8b "pdl=$m" pdl.txt EMBER_PDL=$m
-  done
+  abarms pdl.txt EMBER_PDL=0 EMBER_PDL=1 EMBER_PDL=2
 fi
 if has profile; then
   log "profile"; python3 scripts/profile_decode.py llama3-8b 4.0 > "$OUT/profile.txt" 2>&1; tail -60 "$OUT/profile.txt"
