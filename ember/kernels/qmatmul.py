@@ -170,8 +170,8 @@ ONE_PLANE = (1 << 2, 1 << 3, 1 << 4, 1 << 8)  # `widths` of a matrix of one widt
 
 def _pdl_kwargs(plan: QMatmulPlan, device: torch.device) -> dict:
     """PDL mode 2 (first weight tile loaded before the wait) only for one-plane, one-width matrices: it
-    duplicates the tile code, which made ptxas take 30 s for a 3-bit and 166 s for a mixed-width kernel
-    (offline, sm_90) instead of 2 and 10 s; the others wait at the start (mode 1)."""
+    duplicates the tile code, which made ptxas take 30 s for a two-plane 3-bit (format version 1) and 166 s
+    for a mixed-width kernel (offline, sm_90) instead of 2 and 10 s; the others wait at the start (mode 1)."""
     kw = pdl.launch_kwargs(device)
     if kw["PDL"] == 2 and plan.widths not in ONE_PLANE:
         kw["PDL"] = 1
