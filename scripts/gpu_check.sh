@@ -2,7 +2,7 @@
 # The one command run on the GPU machine (device tool): GPU tests + benchmarks, results under $OUT.
 #
 #   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [stages] [stagetable] [base] [ab] [async] [bench8b] [quick] [full] [exl2]
-#                        [attn] [gptq8b] [bench70b] [bpw] [pdl] [profile] [sweep] [prefillgemm] [tests]
+#                        [attn] [gptq8b] [bench70b] [bpw] [pdl] [profile] [gprofile] [sweep] [prefillgemm] [tests]
 #   (default: tests bench8b exl2). Run it under `timeout N` to fit a device call: timeout signals the whole
 #   process group, and on TERM the script stops what it started and still packs $OUT for the return trip.
 # smoke: the engine / model / attention GPU tests first; qtests: the one-row, mixed-width and epilogue
@@ -20,7 +20,8 @@
 #   background from the start; its batch-1 loop is CPU-bound, so nothing else runs beside it).
 # attn: batch-1 decode attention configs and the rope-fused op against rope_store_kv + attention; bpw: 2.5 / 3.0 / 5.0 / 6.0 bpw and 4.0 with a 6-bit head;
 #   pdl: each EMBER_PDL mode (kernels/pdl.py); profile: per-kernel GPU time and prefill host overhead
-#   (scripts/profile_decode.py); sweep: batch-1 qmatmul launch configs (SWEEP_WIDTHS, SWEEP_SHAPES,
+#   (scripts/profile_decode.py); gprofile: the graph-replayed step's kernel timeline (scripts/profile_graph.py),
+#   once per PROFILE_ARMS entry (VAR=value[,VAR=value]); sweep: batch-1 qmatmul launch configs (SWEEP_WIDTHS, SWEEP_SHAPES,
 #   SWEEP_ARGS); prefillgemm: prefill-sized matmuls. qtests takes QTEST_K (a pytest -k) and QTEST_TIMEOUT.
 #   (`core` and `noqm` are accepted for the commands of earlier rounds: core = without full, noqm = no table;
 #   nogptq: bench8b without ember's run of the GPTQ folder.)
@@ -158,6 +159,14 @@ fi
 if has profile; then
   log "profile"; python3 scripts/profile_decode.py llama3-8b 4.0 > "$OUT/profile.txt" 2>&1; tail -60 "$OUT/profile.txt"
 fi
+if has gprofile; then  # the decode step as the engine replays it (graph, PDL): scripts/profile_graph.py, per arm
+  for arm in ${PROFILE_ARMS:-default}; do
+    log "graph timeline, arm $arm"; f="$OUT/profile_graph_${arm//[=,]/_}.txt"
+    [ "$arm" = default ] && arm=
+    env ${arm//,/ } python3 scripts/profile_graph.py llama3-8b ${AB_BPW:-4.0} 8 512 > "$f" 2>&1
+    grep -E "kernels a step|layers add|^ *[0-9]+ +[0-9.]+ +[-0-9.]+ +[-0-9.]+  " "$f" | head -24
+  done
+fi
 if has sweep; then
   log "qmatmul sweep"
   python3 scripts/sweep_qmatmul.py --widths ${SWEEP_WIDTHS:-4} --shapes ${SWEEP_SHAPES:-4096x6144,4096x4096,14336x4096} \
@@ -194,7 +203,7 @@ if has tests; then
   # the suite is bound by Triton's JIT compiles on the host: spread it over TEST_WORKERS processes (pytest-xdist,
   # carried in .whl/) when it is there; one GPU holds them all (small shapes)
   xd=; python3 -c "import xdist" 2>/dev/null && xd="-n ${TEST_WORKERS:-8}"
-  timeout ${TEST_TIMEOUT:-900} python3 -m pytest -q -m gpu -p no:cacheprovider $xd --durations=12 tests 2>&1 \
+  timeout ${TEST_TIMEOUT:-900} python3 -m pytest -q -m gpu -p no:cacheprovider $xd --durations=12 ${TEST_PATHS:-tests} 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -22
 fi
 log "done"

@@ -22,11 +22,9 @@ def dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
 
 
 @triton.jit
-def paged_kv_step(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, head_off, kstart, kv_hi, qpos, window, qk_scale,
-                  s_c_p, s_c_s, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
-    # q: (M, D); acc: (M, D) f32; m_i, l_i: (M,) running max (log2 units) and sum; qpos: (M,) positions.
-    # Keys kstart .. kstart + BLOCK_N (< kv_hi) are visible to row r when qpos[r] - window < key <= qpos[r].
+def paged_kv_load(kc_ptr, vc_ptr, bt_row, head_off, kstart, kv_hi, s_c_p, s_c_s, PAGE: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # Keys/values kstart .. kstart + BLOCK_N (masked at kv_hi) read in place from the paged cache: (N, D) each.
     kpos = kstart + tl.arange(0, BLOCK_N)
     kmask = kpos < kv_hi
     page = tl.load(bt_row + kpos // PAGE, mask=kmask, other=0).to(tl.int64)
@@ -34,6 +32,17 @@ def paged_kv_step(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, head_off, kstart, kv
     d = tl.arange(0, HEAD_DIM)
     k = tl.load(kc_ptr + off[:, None] + d[None, :], mask=kmask[:, None], other=0.0)  # (N, D)
     v = tl.load(vc_ptr + off[:, None] + d[None, :], mask=kmask[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
+def paged_kv_fold(q, acc, m_i, l_i, k, v, kstart, kv_hi, qpos, window, qk_scale, BLOCK_N: tl.constexpr,
+                  DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+    # q: (M, D); acc: (M, D) f32; m_i, l_i: (M,) running max (log2 units) and sum; qpos: (M,) positions;
+    # k, v: (N, D) the keys kstart .. kstart + BLOCK_N (paged_kv_load). Key j is visible to row r when
+    # j < kv_hi and qpos[r] - window < j <= qpos[r].
+    kpos = kstart + tl.arange(0, BLOCK_N)
+    kmask = kpos < kv_hi
     if DOT_F32:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -47,3 +56,13 @@ def paged_kv_step(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, head_off, kstart, kv
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, m_new, l_i
+
+
+@triton.jit
+def paged_kv_step(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, head_off, kstart, kv_hi, qpos, window, qk_scale,
+                  s_c_p, s_c_s, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr):
+    # One block of keys: load (paged_kv_load) and fold into the running softmax (paged_kv_fold).
+    k, v = paged_kv_load(kc_ptr, vc_ptr, bt_row, head_off, kstart, kv_hi, s_c_p, s_c_s, PAGE, BLOCK_N, HEAD_DIM)
+    return paged_kv_fold(q, acc, m_i, l_i, k, v, kstart, kv_hi, qpos, window, qk_scale, BLOCK_N, DOT_F32,
+                         DOT_PREC)

@@ -14,15 +14,24 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ember.kernels import pdl
-from ember.kernels.attention_common import LOG2E, NO_WINDOW, dot_flags, paged_kv_step
+from ember.kernels.attention_common import (
+    LOG2E,
+    NO_WINDOW,
+    dot_flags,
+    paged_kv_fold,
+    paged_kv_load,
+    paged_kv_step,
+)
 
-MIN_SPLIT_TOKENS = 128  # fewer keys per split than this costs more in the merge than it wins
+# fewer keys of capacity per split than this costs more in the merge than it wins (EMBER_ATTN_MIN_SPLIT: A/B)
+MIN_SPLIT_TOKENS = int(os.environ.get("EMBER_ATTN_MIN_SPLIT", "128"))
 MAX_SPLITS = 64
 MERGE_ELEMS = 4096  # partial-output elements the last program holds at once while merging (registers)
 
@@ -82,9 +91,12 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_pt
                    G: tl.constexpr, BLOCK_G: tl.constexpr, MERGE_G: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
                    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, ROPE: tl.constexpr, DOT_F32: tl.constexpr,
-                   DOT_PREC: tl.constexpr, PDL: tl.constexpr):
+                   DOT_PREC: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr):
+    # EARLY (ROPE under PDL): the step's metadata and the first block of cached keys are read before the
+    # PDL wait, while the QKV projection is still finishing (see `early` for why that is safe).
     pdl.launch_dependents(PDL)
-    pdl.wait(PDL)
+    if not EARLY:
+        pdl.wait(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -100,6 +112,12 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_pt
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, HEAD_DIM)
+    first = start
+    if EARLY:  # (ROPE only) the new key, position hi - 1, comes from registers, not from the cache
+        k0, v0 = paged_kv_load(kc_ptr, vc_ptr, bt_ptr + b.to(tl.int64) * s_bt, kvh.to(tl.int64) * s_c_h, start,
+                               tl.minimum(end, hi - 1), s_c_p, s_c_s, PAGE, BLOCK_N, HEAD_DIM)
+        pdl.wait(PDL)
+        first = start + BLOCK_N
     heads = kvh * G + g
     q_mask = (g < tl.where(n_q > 0, G, 0))[:, None]
     q_rows = q_ptr + qs.to(tl.int64) * s_q_t + heads[:, None] * s_q_h  # (BLOCK_G, 1)
@@ -138,7 +156,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_pt
             w_mask = d[None, :] < tl.where(slot >= 0, HEAD_DIM, 0)
             tl.store(kc_ptr + dst, kn, mask=w_mask)
             tl.store(vc_ptr + dst, vn, mask=w_mask)
-    for kstart in range(start, cache_end, BLOCK_N):
+    if EARLY:  # the block loaded before the wait (masked out entirely when the slice has no cached key)
+        acc, m_i, l_i = paged_kv_fold(q, acc, m_i, l_i, k0, v0, start, cache_end, qpos, window, qk_scale, BLOCK_N,
+                                      DOT_F32, DOT_PREC)
+    for kstart in range(first, cache_end, BLOCK_N):
         acc, m_i, l_i = paged_kv_step(q, acc, m_i, l_i, kc_ptr, vc_ptr, bt_row, head_off, kstart, cache_end,
                                       qpos, window, qk_scale, s_c_p, s_c_s, PAGE, BLOCK_N, HEAD_DIM, DOT_F32,
                                       DOT_PREC)
@@ -161,6 +182,21 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_pt
             tl.store(dst + mg[:, None] * s_o_h + d[None, :], merged.to(out_ptr.dtype.element_ty),
                      mask=(mg < tl.where(n_q > 0, G, 0))[:, None])
             tl.atomic_xchg(cnt, 0, sem="relaxed")  # zero again for the next launch
+
+
+@functools.cache
+def _early(device_type: str, index: int | None) -> bool:
+    return os.environ.get("EMBER_ATTN_EARLY", "1") != "0"
+
+
+def early(device: torch.device) -> bool:
+    """Whether the rope-fused decode reads the step's metadata (query_start_loc, seq_lens, block tables) and its
+    first block of cached keys/values before the PDL wait (PDL mode 2 only; EMBER_ATTN_EARLY=0 turns it off).
+    Safe because none of these is written by the kernels it may overlap: the engine writes the metadata with
+    plain (non-PDL) torch ops at the start of a step, which complete before any PDL kernel of the step starts,
+    and the keys read here are earlier tokens' (the new token's key is written by this kernel, after the
+    wait). A caller that writes them with a PDL kernel right before this one must turn it off."""
+    return pdl.mode(device) == 2 and _early(device.type, device.index)
 
 
 @functools.cache
@@ -195,7 +231,7 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 def _launch(q, new_kv, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window,
-            num_splits, block_n, num_warps, out):
+            num_splits, block_n, num_warps, out, early_reads=None):
     t, hq, dim = q.shape
     batch, hk, page = block_tables.shape[0], k_cache.shape[1], k_cache.shape[2]
     if num_splits is None:
@@ -226,7 +262,8 @@ def _launch(q, new_kv, k_cache, v_cache, block_tables, seq_lens, query_start_loc
         G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), MERGE_G=merge_g,
         SPLIT_CHUNK=max(1, min(num_splits, MERGE_ELEMS // (merge_g * dim))), HEAD_DIM=dim, PAGE=page,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, ROPE=new_kv is not None, DOT_F32=dot_f32, DOT_PREC=dot_prec,
-        num_warps=num_warps, **pdl.launch_kwargs(q.device))
+        num_warps=num_warps, **pdl.launch_kwargs(q.device),
+        EARLY=new_kv is not None and (early(q.device) if early_reads is None else early_reads))
     return out
 
 
@@ -244,15 +281,16 @@ def decode_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_lo
 def decode_attention_rope(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping, block_tables, seq_lens,
                           query_start_loc, scale: float, sliding_window: int | None = None,
                           num_splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
-                          out: torch.Tensor | None = None) -> torch.Tensor:
+                          out: torch.Tensor | None = None, early_reads: bool | None = None) -> torch.Tensor:
     """rope + KV-cache write of the new token + decode attention in one launch. q (T, Hq, D), k, v (T, Hk, D):
     the unrotated projections (strided views allowed, last stride 1; never written); positions (T,);
     cos_sin (max_pos, D) float32 [cos | sin]; slot_mapping (T,), a negative slot writes nothing. The new
     token of sequence b is its key at position seq_lens[b] - 1 (read from k/v, not from the cache). Other
-    arguments and the result as decode_attention."""
+    arguments and the result as decode_attention. early_reads: read the metadata and the first cached block
+    before the PDL wait (default: `early`); the kernel computes the same either way."""
     t, hk, dim = k.shape
     assert v.shape == k.shape and k.stride(-1) == 1 and v.stride(-1) == 1, "decode_attention_rope: k/v layout"
     assert cos_sin.dtype == torch.float32 and cos_sin.stride(-1) == 1 and cos_sin.shape[-1] == dim
     assert positions.shape == (t,) and slot_mapping.shape == (t,) and k_cache.shape[1] == hk
     return _launch(q, (k, v, positions, cos_sin, slot_mapping), k_cache, v_cache, block_tables, seq_lens,
-                   query_start_loc, scale, sliding_window, num_splits, block_n, num_warps, out)
+                   query_start_loc, scale, sliding_window, num_splits, block_n, num_warps, out, early_reads)

@@ -156,8 +156,11 @@ def test_decode_rope(device, dtype, case):
             bt["block_tables"], bt["lens_t"], bt["qsl_t"], 0.2, window)
     if num_splits is None:
         got = ops.decode_attention_rope(*args)
-    else:
-        got = decode_attention_rope(*args, num_splits=num_splits, out=torch.full_like(bt["q"], float("nan")))
+    else:  # the metadata and first cached block read before the PDL wait (early_reads) or after: the same
+        got, again = (decode_attention_rope(*args, num_splits=num_splits, out=torch.full_like(bt["q"], float("nan")),
+                                            early_reads=e) for e in (False, True))
+        rows = [t for t in range(got.shape[0]) if t != pad]
+        assert torch.equal(got[rows], again[rows]), "early_reads changed the result"
     check_rope(got, bt, want, dtype, f"decode_attention_rope {case}", skip_row=pad)
     assert torch.equal(bt["qkv"], qkv_in), "decode_attention_rope must not write q, k, v"
 
