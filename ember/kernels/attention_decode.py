@@ -30,10 +30,15 @@ from ember.kernels.attention_common import (
     paged_kv_step,
 )
 
-# fewer keys of capacity per split than this costs more in the merge than it wins (EMBER_ATTN_MIN_SPLIT: A/B)
-MIN_SPLIT_TOKENS = int(os.environ.get("EMBER_ATTN_MIN_SPLIT", "128"))
+# Keys of capacity per split, at least: one BLOCK_N block. 128 gave 8 splits of 96 keys for a 512-token
+# prompt in `ember bench`, 32 gives 32 splits of 32: 8B decode 457.9 -> 464.7 tok/s (call J1,
+# docs/benchmarks.md). Splits without keys cost little: their programs exit and the merge skips them.
+# EMBER_ATTN_MIN_SPLIT overrides it (A/B runs).
+MIN_SPLIT_TOKENS = int(os.environ.get("EMBER_ATTN_MIN_SPLIT", "32"))
 MAX_SPLITS = 64
-MERGE_ELEMS = 4096  # partial-output elements the last program holds at once while merging (registers)
+# partial-output elements the last program holds at once while merging (registers); twice as many with
+# early reads, whose kernel takes 255 registers either way (sm_90, offline), against 168 -> 254 without
+MERGE_ELEMS = 4096
 
 
 @triton.jit
@@ -59,28 +64,32 @@ def _new_token_step(q, acc, m_i, l_i, kn, vn, qk_scale, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _merge(part_o_ptr, part_lse_ptr, row0, G: tl.constexpr, MERGE_G: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
-           HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    # The NUM_SPLITS partials of G query heads (rows row0 + g) merged by their log2-sum-exp: (MERGE_G, D).
+def _merge(part_o_ptr, part_lse_ptr, row0, n_act, G: tl.constexpr, MERGE_G: tl.constexpr,
+           SPLIT_CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    # The partials of the first n_act splits (the others hold no key) of G query heads (rows row0 + g),
+    # merged by their log2-sum-exp: (MERGE_G, D). Chunk by chunk with a running maximum, so that a chunk's
+    # weights and outputs are loaded together: one L2 round trip a chunk, not one more for the weights.
     # NOTE: other programs wrote these partials: read through L2 (.cg), after the acq_rel counter.
     g = tl.arange(0, MERGE_G)
-    sp = tl.arange(0, NUM_SPLITS)
-    rows = (row0 + g).to(tl.int64) * NUM_SPLITS  # (MG,)
-    lse = tl.load(part_lse_ptr + rows[:, None] + sp[None, :], mask=(g < G)[:, None], other=float("-inf"),
-                  cache_modifier=".cg")  # (MG, S)
-    m = tl.max(lse, 1)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.sum(tl.exp2(lse - m[:, None]), 1)  # empty splits weigh 0
     c = tl.arange(0, SPLIT_CHUNK)
     d = tl.arange(0, HEAD_DIM)
+    rows = (row0 + g).to(tl.int64) * NUM_SPLITS  # (MG,)
+    m = tl.full([MERGE_G], float("-inf"), tl.float32)
+    total = tl.zeros([MERGE_G], tl.float32)
     acc = tl.zeros([MERGE_G, HEAD_DIM], tl.float32)
-    for s0 in range(0, NUM_SPLITS, SPLIT_CHUNK):
+    for s0 in range(0, n_act, SPLIT_CHUNK):
         r = rows[:, None] + s0 + c[None, :]  # (MG, C)
-        w = tl.exp2(tl.load(part_lse_ptr + r, mask=(g < G)[:, None], other=float("-inf"),
-                            cache_modifier=".cg") - m[:, None])
-        o = tl.load(part_o_ptr + r[:, :, None] * HEAD_DIM + d[None, None, :], mask=(g < G)[:, None, None],
-                    other=0.0, cache_modifier=".cg")  # (MG, C, D)
-        acc += tl.sum(o * w[:, :, None], 1)
+        live = (g < G)[:, None] & (s0 + c < n_act)[None, :]
+        lse = tl.load(part_lse_ptr + r, mask=live, other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(part_o_ptr + r[:, :, None] * HEAD_DIM + d[None, None, :], mask=live[:, :, None], other=0.0,
+                    cache_modifier=".cg")  # (MG, C, D)
+        m_new = tl.maximum(m, tl.max(lse, 1))
+        ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # empty splits weigh 0
+        alpha = tl.exp2(m - ref)
+        w = tl.exp2(lse - ref[:, None])
+        total = total * alpha + tl.sum(w, 1)
+        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 1)
+        m = m_new
     return acc / tl.where(total > 0, total, 1.0)[:, None]
 
 
@@ -116,6 +125,10 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_pt
     if EARLY:  # (ROPE only) the new key, position hi - 1, comes from registers, not from the cache
         k0, v0 = paged_kv_load(kc_ptr, vc_ptr, bt_ptr + b.to(tl.int64) * s_bt, kvh.to(tl.int64) * s_c_h, start,
                                tl.minimum(end, hi - 1), s_c_p, s_c_s, PAGE, BLOCK_N, HEAD_DIM)
+        pos0 = tl.load(pos_ptr + qs, mask=n_q > 0, other=0).to(tl.int64)
+        cos0 = tl.load(cs_ptr + pos0 * s_cs + d % (HEAD_DIM // 2))[None, :]  # (1, D) float32
+        sin0 = tl.load(cs_ptr + pos0 * s_cs + HEAD_DIM // 2 + d % (HEAD_DIM // 2))[None, :]
+        slot0 = tl.load(slot_ptr + qs, mask=n_q > 0, other=-1).to(tl.int64)
         pdl.wait(PDL)
         first = start + BLOCK_N
     heads = kvh * G + g
@@ -123,9 +136,12 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_pt
     q_rows = q_ptr + qs.to(tl.int64) * s_q_t + heads[:, None] * s_q_h  # (BLOCK_G, 1)
     if ROPE:
         HALF: tl.constexpr = HEAD_DIM // 2
-        pos = tl.load(pos_ptr + qs, mask=n_q > 0, other=0).to(tl.int64)
-        cos = tl.load(cs_ptr + pos * s_cs + d % HALF)[None, :]  # (1, D) float32
-        sin = tl.load(cs_ptr + pos * s_cs + HALF + d % HALF)[None, :]
+        if EARLY:
+            cos, sin = cos0, sin0
+        else:
+            pos = tl.load(pos_ptr + qs, mask=n_q > 0, other=0).to(tl.int64)
+            cos = tl.load(cs_ptr + pos * s_cs + d % HALF)[None, :]  # (1, D) float32
+            sin = tl.load(cs_ptr + pos * s_cs + HALF + d % HALF)[None, :]
         # rounded to the activation dtype after rotation, as the rope kernel does
         q = _load_rotated(q_rows, q_mask, cos, sin, d, HALF).to(q_ptr.dtype.element_ty)
         cache_end = tl.minimum(end, hi - 1)  # the new key (position hi - 1) comes from registers, not the cache
@@ -150,7 +166,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_pt
             vn = tl.load(v_ptr + qs.to(tl.int64) * s_v_t + kvh * s_v_h + d[None, :])
             vn = vn.to(vc_ptr.dtype.element_ty)  # (1, D)
             acc, m_i, l_i = _new_token_step(q, acc, m_i, l_i, kn, vn, qk_scale, DOT_F32)
-            slot = tl.load(slot_ptr + qs).to(tl.int64)
+            slot = slot0 if EARLY else tl.load(slot_ptr + qs).to(tl.int64)
             # NOTE: a negative slot marks a padding token (CUDA-graph batches): nothing is written for it.
             dst = (slot // PAGE) * s_c_p + head_off + (slot % PAGE) * s_c_s + d[None, :]
             w_mask = d[None, :] < tl.where(slot >= 0, HEAD_DIM, 0)
@@ -177,7 +193,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_pt
         tl.debug_barrier()  # every thread's partials are issued before the counter is released
         cnt = cnt_ptr + b * tl.num_programs(1) + kvh
         if tl.atomic_add(cnt, 1, sem="acq_rel") == NUM_SPLITS - 1:  # the last split of (b, kv head)
-            merged = _merge(part_o_ptr, part_lse_ptr, row0, G, MERGE_G, SPLIT_CHUNK, HEAD_DIM, NUM_SPLITS)
+            n_act = tl.cdiv(hi - lo, tl.maximum(span, 1))  # splits from n_act on hold no key
+            merged = _merge(part_o_ptr, part_lse_ptr, row0, n_act, G, MERGE_G, SPLIT_CHUNK, HEAD_DIM, NUM_SPLITS)
             mg = tl.arange(0, MERGE_G)
             tl.store(dst + mg[:, None] * s_o_h + d[None, :], merged.to(out_ptr.dtype.element_ty),
                      mask=(mg < tl.where(n_q > 0, G, 0))[:, None])
@@ -253,6 +270,8 @@ def _launch(q, new_kv, k_cache, v_cache, block_tables, seq_lens, query_start_loc
         k, v, positions, cos_sin, slots = new_kv
         kv_strides, s_cs = (k.stride(0), k.stride(1), v.stride(0), v.stride(1)), cos_sin.stride(0)
     merge_g = triton.next_power_of_2(g)
+    early_on = new_kv is not None and (early(q.device) if early_reads is None else early_reads)
+    merge_elems = MERGE_ELEMS * (2 if early_on else 1)
     dot_f32, dot_prec = dot_flags(q.dtype)
     _decode_kernel[(batch, hk, num_splits)](
         q, k, v, positions, cos_sin, slots, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,
@@ -260,10 +279,9 @@ def _launch(q, new_kv, k_cache, v_cache, block_tables, seq_lens, query_start_loc
         *kv_strides, s_cs, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         G=g, BLOCK_G=max(16, triton.next_power_of_2(g)), MERGE_G=merge_g,
-        SPLIT_CHUNK=max(1, min(num_splits, MERGE_ELEMS // (merge_g * dim))), HEAD_DIM=dim, PAGE=page,
+        SPLIT_CHUNK=max(1, min(num_splits, merge_elems // (merge_g * dim))), HEAD_DIM=dim, PAGE=page,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, ROPE=new_kv is not None, DOT_F32=dot_f32, DOT_PREC=dot_prec,
-        num_warps=num_warps, **pdl.launch_kwargs(q.device),
-        EARLY=new_kv is not None and (early(q.device) if early_reads is None else early_reads))
+        EARLY=early_on, num_warps=num_warps, **pdl.launch_kwargs(q.device))
     return out
 
 
