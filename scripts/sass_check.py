@@ -41,7 +41,7 @@ def compile_kernel(args) -> tuple[str, str, str, int]:
     const = dict(BM=16 if args.dot else 1, BN=args.bn, WIDTHS=widths, USE_DOT=args.dot, HAS_ZEROS=args.zeros,
                  HAS_PERM=args.zeros, HAS_G32=args.zeros, ATOMIC=True, DOT_DT=tl.float16, PDL=args.pdl,
                  H2=0 if args.dot else args.h2, NORM_IN="norm" in epi, RESID="resid" in epi, GLU="glu" in epi,
-                 STAGES=args.stages, EVEN_N=args.even)
+                 STAGES=args.stages, EVEN_N=args.even, **({"EPI_EARLY": True} if args.epi_early else {}))
     sig = dict(SIGNATURE, **{k: "constexpr" for k in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in ALIGNED}
     k = triton.compile(ASTSource(fn=qmatmul_kernel, signature=sig, constexprs=const, attrs=attrs),
@@ -89,6 +89,7 @@ def main() -> None:
     p.add_argument("--zeros", action="store_true", help="asymmetric zeros, permutation and groups of 32")
     p.add_argument("--dot", action="store_true", help="the multi-row tl.dot path (16-row tiles)")
     p.add_argument("--even", action="store_true", help="N a multiple of the column block (no column masks)")
+    p.add_argument("--epi-early", action="store_true", help="the epilogue's operands loaded before the atomics")
     p.add_argument("--dump", help="also write the whole SASS to this file")
     args = p.parse_args()
     ptx, sass, res, shared = compile_kernel(args)

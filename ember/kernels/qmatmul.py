@@ -201,6 +201,12 @@ def _even_n(launch: Launch, N: int, glu: bool) -> bool:
     return whole and os.environ.get("EMBER_EVEN_N", "0") == "1"
 
 
+def _epi_early() -> bool:
+    """EMBER_EPI_EARLY=0 turns off loading the fused epilogue's operands (the residual tile, gamma, the rows'
+    sum of squares) before the split-K atomics (qmatmul_store.store_tile); read at every launch (A/B runs)."""
+    return os.environ.get("EMBER_EPI_EARLY", "1") != "0"
+
+
 def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int, epi: Epilogue | None = None):
     M, N = x2.shape[0], qt.out_features
     glu = epi is not None and epi.glu
@@ -224,7 +230,8 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int,
         BM=block_m, BN=launch.block_n, WIDTHS=plan.widths, USE_DOT=use_dot, HAS_ZEROS=qt.qzeros is not None,
         HAS_PERM=qt.perm is not None, HAS_G32=plan.has_g32, ATOMIC=atomic, DOT_DT=dot_dt,
         H2=0 if use_dot else _h2_mode(x2), NORM_IN=norm_in, RESID=resid, GLU=glu,
-        STAGES=1 if use_dot else launch.num_stages, EVEN_N=_even_n(launch, N, glu), num_warps=launch.num_warps,
+        STAGES=1 if use_dot else launch.num_stages, EVEN_N=_even_n(launch, N, glu),
+        EPI_EARLY=atomic and (norm_in or resid) and _epi_early(), num_warps=launch.num_warps,
         num_stages=launch.num_stages,
         **_pdl_kwargs(plan, x2.device))
 

@@ -146,7 +146,11 @@ SMALL_BLOCKS = {"gemv": (32, 1, 2, 8), "small": (32, 1, 2, 4)}  # BN 32: GLU pai
 
 @pytest.mark.parametrize("kind", ["norm", "resid", "glu", "norm_glu"])
 @pytest.mark.parametrize("M", [1, 3])
-def test_fused_epilogue(kind, M, monkeypatch):
+@pytest.mark.parametrize("early", ["0", "1"], ids=["operands_late", "operands_early"])
+def test_fused_epilogue(kind, M, early, monkeypatch):
+    """Split-K (tiles=1) with the epilogue's operands loaded by the last program or by every program before
+    its atomics (EMBER_EPI_EARLY)."""
+    monkeypatch.setenv("EMBER_EPI_EARLY", early)
     spec, N = ([(128, 4, 64)], 96) if M == 1 else ([(64, 3, 32), (64, 8, 64)], 96)
     qt = make_qt(spec, N, asym=M == 3, use_perm=M == 3, seed=M)
     check_epilogue(qt, M, torch.float16 if M == 1 else torch.bfloat16, kind, tiles=1, configs=SMALL_BLOCKS,
