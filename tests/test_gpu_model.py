@@ -88,6 +88,20 @@ def test_graph_decode_matches_eager_on_cuda(tmp_path):
     assert _greedy(model, prompt, steps, True) == _greedy(model, prompt, steps, False)
 
 
+def test_step_kernels_match_torch_ops_on_cuda(tmp_path, monkeypatch):
+    """The step's bookkeeping in two Triton launches (kernels/step.py) or in torch ops gives the same tokens,
+    in graphs and eagerly."""
+    write_tiny("llama3.1", tmp_path)
+    src = open_source(tmp_path)
+    model = build_model(src.config, src.tensors, CUDA, torch.float16, 256, progress=False)
+    prompt, steps = list(range(7, 50)), 20
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("EMBER_STEP_KERNELS", flag)
+        runs[flag] = [_greedy(model, prompt, steps, g) for g in (True, False)]
+    assert runs["1"] == runs["0"] and runs["1"][0] == runs["1"][1]
+
+
 def _small_model_path():
     """The bundled model when installed, else .gpu_assets/tiny-smol (scripts/make_gpu_assets.py)."""
     from ember.errors import ConfigError

@@ -63,9 +63,10 @@ def _activation_dtype(model) -> torch.dtype:
 def _switches() -> dict:
     """The kernel switches this run asked for (README, GPU notes), so a row says what it measured; the
     packed-half decode (ember_h2) applies only where the row's dtype is float16."""
-    from ember.engine.runner import async_decode
+    from ember.engine.runner import async_decode, step_kernels
     from ember.kernels import ops
-    from ember.kernels.qmatmul import DEFAULTS, WIDE_STAGES
+    from ember.kernels.attention_decode import MIN_SPLIT_TOKENS
+    from ember.kernels.qmatmul import DEFAULTS, WIDE_STAGES, _epi_early
 
     env = os.environ.get
     return dict(ember_fuse=int(ops.fuse_enabled()), ember_h2=int(env("EMBER_H2", "1") != "0"),
@@ -73,7 +74,9 @@ def _switches() -> dict:
                 ember_gemv_stages=int(env("EMBER_GEMV_STAGES") or DEFAULTS["gemv"][2]),
                 ember_gemv_per_sm=int(env("EMBER_GEMV_PER_SM") or 0),  # 0: the launch tables' own
                 ember_gemv_wide_stages=int(env("EMBER_GEMV_WIDE_STAGES") or WIDE_STAGES),
-                ember_even_n=int(env("EMBER_EVEN_N", "0") == "1"), ember_async_decode=int(async_decode()))
+                ember_even_n=int(env("EMBER_EVEN_N", "0") == "1"), ember_async_decode=int(async_decode()),
+                ember_attn_early=int(env("EMBER_ATTN_EARLY", "1") != "0"), ember_attn_min_split=MIN_SPLIT_TOKENS,
+                ember_epi_early=int(_epi_early()), ember_step_kernels=int(step_kernels()))
 
 
 def format_row(r: dict) -> str:

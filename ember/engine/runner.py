@@ -25,8 +25,15 @@ import torch
 
 from ember.engine.sampler import argmax
 from ember.forward_batch import ForwardBatch
+from ember.kernels.reference import decode_slots
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+def step_kernels() -> bool:
+    """Whether CUDA steps do their bookkeeping in two Triton launches (kernels/step.py) instead of ~20 torch
+    ops (EMBER_STEP_KERNELS=0: the torch ops)."""
+    return os.environ.get("EMBER_STEP_KERNELS", "1") != "0"
 
 
 def async_decode() -> bool:
@@ -46,6 +53,7 @@ class DecodeRunner:
         self.ids, self.pos, self.tokens = z(max_batch), z(max_batch), z(max_batch)  # (Bmax,)
         self.tables = torch.full((max_batch, max_pages), self.scratch_page, dtype=torch.int32, device=device)
         self.seq_lens = z(max_batch, dt=torch.int32)
+        self.slots = z(max_batch)
         self.qsl = torch.arange(max_batch + 1, dtype=torch.int32, device=device)  # one new token per sequence
         self.logits = torch.zeros(max_batch, model.config.vocab_size, dtype=torch.float32, device=device)
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
@@ -78,13 +86,23 @@ class DecodeRunner:
     # -- the step -------------------------------------------------------------------------------------
     def _step(self, b: int, greedy: bool) -> None:
         pos = self.pos[:b]  # (b,)
-        page_idx = (pos // self.page_size).unsqueeze(1)  # (b, 1)
-        slot = self.tables[:b].gather(1, page_idx).squeeze(1).long() * self.page_size + pos % self.page_size
-        self.seq_lens[:b].copy_(pos + 1)
+        fast = self.device.type == "cuda" and step_kernels()
+        if fast:  # (imported here: Triton is optional on CPU, and its mode is fixed at import)
+            from ember.kernels.step import greedy_advance, prepare_decode
+
+            prepare_decode(pos, self.tables[:b], self.page_size, self.slots[:b], self.seq_lens[:b])
+        else:
+            slot, seq_lens = decode_slots(pos, self.tables[:b], self.page_size)
+            self.slots[:b].copy_(slot)
+            self.seq_lens[:b].copy_(seq_lens)
         batch = ForwardBatch(
-            input_ids=self.ids[:b], positions=pos, slot_mapping=slot, block_tables=self.tables[:b],
+            input_ids=self.ids[:b], positions=pos, slot_mapping=self.slots[:b], block_tables=self.tables[:b],
             seq_lens=self.seq_lens[:b], query_start_loc=self.qsl[: b + 1], max_query_len=1,
             max_seq_len=self.max_pages * self.page_size)
+        if greedy and fast:  # the head's own dtype: greedy_advance reads it as it is
+            greedy_advance(self.model(batch, self.kv_layers, float_logits=False), self.tokens[:b], self.ids[:b],
+                           self.pos[:b])
+            return
         logits = self.model(batch, self.kv_layers)  # (b, V) float32
         if greedy:
             tok = argmax(logits)

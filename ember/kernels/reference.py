@@ -79,6 +79,13 @@ def rope_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping):
     return q, k
 
 
+def decode_slots(pos: torch.Tensor, tables: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step's metadata: pos (B,) int64, tables (B, pages) int32 -> the new tokens' cache slots
+    (B,) int64 and seq_lens (B,) int32."""
+    slot = tables.gather(1, (pos // page).unsqueeze(1)).squeeze(1).long() * page + pos % page
+    return slot, (pos + 1).to(torch.int32)
+
+
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
     """The first seq_len positions of one sequence: cache (P, Hk, page, D) -> (Hk, seq_len, D)."""
     page_size = cache.shape[2]

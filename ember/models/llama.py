@@ -102,9 +102,11 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config, max_positions)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
 
-    def forward(self, batch: ForwardBatch, kv_caches) -> torch.Tensor:
-        """Returns float32 logits (N, V) for batch.logits_indices (all T tokens when it is None)."""
+    def forward(self, batch: ForwardBatch, kv_caches, float_logits: bool = True) -> torch.Tensor:
+        """Returns logits (N, V) for batch.logits_indices (all T tokens when it is None): float32, or the
+        head's own dtype when float_logits is False (greedy decode needs no copy)."""
         h = self.model(batch, kv_caches)
         if batch.logits_indices is not None:
             h = h[batch.logits_indices]
-        return self.lm_head(h).float()
+        logits = self.lm_head(h)
+        return logits.float() if float_logits else logits

@@ -10,7 +10,7 @@ import torch
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 KERNEL_MODULES = ["attention_common", "attention_decode", "attention_prefill", "attention", "norm", "rope",
-                  "activation"]
+                  "activation", "step"]
 
 
 def _import_interpreted() -> str | None:
