@@ -65,7 +65,7 @@ def _switches() -> dict:
     packed-half decode (ember_h2) applies only where the row's dtype is float16."""
     from ember.engine.runner import async_decode, step_kernels
     from ember.kernels import ops
-    from ember.kernels.attention_decode import MIN_SPLIT_TOKENS
+    from ember.kernels.attention_decode import EARLY_MERGE_SCALE, MIN_SPLIT_TOKENS
     from ember.kernels.qmatmul import DEFAULTS, WIDE_STAGES, _epi_early
 
     env = os.environ.get
@@ -76,7 +76,8 @@ def _switches() -> dict:
                 ember_gemv_wide_stages=int(env("EMBER_GEMV_WIDE_STAGES") or WIDE_STAGES),
                 ember_even_n=int(env("EMBER_EVEN_N", "0") == "1"), ember_async_decode=int(async_decode()),
                 ember_attn_early=int(env("EMBER_ATTN_EARLY", "1") != "0"), ember_attn_min_split=MIN_SPLIT_TOKENS,
-                ember_epi_early=int(_epi_early()), ember_step_kernels=int(step_kernels()))
+                ember_attn_merge_scale=EARLY_MERGE_SCALE, ember_epi_early=int(_epi_early()),
+                ember_step_kernels=int(step_kernels()), ember_tuned=int(env("EMBER_TUNED", "1") != "0"))
 
 
 def format_row(r: dict) -> str:

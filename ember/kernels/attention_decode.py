@@ -36,9 +36,12 @@ from ember.kernels.attention_common import (
 # EMBER_ATTN_MIN_SPLIT overrides it (A/B runs).
 MIN_SPLIT_TOKENS = int(os.environ.get("EMBER_ATTN_MIN_SPLIT", "32"))
 MAX_SPLITS = 64
-# partial-output elements the last program holds at once while merging (registers); twice as many with
-# early reads, whose kernel takes 255 registers either way (sm_90, offline), against 168 -> 254 without
+# Partial-output elements the last program holds at once while merging (registers). With early reads the
+# kernel takes 255 registers anyway (sm_90, offline: 168 without them, 254 with twice this), so it merges
+# EARLY_MERGE_SCALE times as many: 32 splits of 4 heads in one L2 round trip, still without spills
+# (EMBER_ATTN_MERGE_SCALE overrides it, A/B runs).
 MERGE_ELEMS = 4096
+EARLY_MERGE_SCALE = int(os.environ.get("EMBER_ATTN_MERGE_SCALE", "4"))
 
 
 @triton.jit
@@ -271,7 +274,7 @@ def _launch(q, new_kv, k_cache, v_cache, block_tables, seq_lens, query_start_loc
         kv_strides, s_cs = (k.stride(0), k.stride(1), v.stride(0), v.stride(1)), cos_sin.stride(0)
     merge_g = triton.next_power_of_2(g)
     early_on = new_kv is not None and (early(q.device) if early_reads is None else early_reads)
-    merge_elems = MERGE_ELEMS * (2 if early_on else 1)
+    merge_elems = MERGE_ELEMS * (EARLY_MERGE_SCALE if early_on else 1)
     dot_f32, dot_prec = dot_flags(q.dtype)
     _decode_kernel[(batch, hk, num_splits)](
         q, k, v, positions, cos_sin, slots, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out,

@@ -113,9 +113,10 @@ def split_meta(segments: list[list[int]], tiles_per_split: int) -> torch.Tensor:
 def _launch(segments, K: int, N: int, mode: str, device: torch.device, tiles: int | None,
             config: tuple[int, int, int, int] | None) -> Launch:
     bits = segments[0][2] if len(segments) == 1 else 0
-    bn, warps, stages, per_sm, *bm = config or TUNED.get((K, N, bits, mode), DEFAULTS[mode])
+    tuned = TUNED if os.environ.get("EMBER_TUNED", "1") != "0" else {}  # EMBER_TUNED=0: DEFAULTS only (A/B)
+    bn, warps, stages, per_sm, *bm = config or tuned.get((K, N, bits, mode), DEFAULTS[mode])
     if mode == "gemv" and config is None:  # A/B runs (gpu_check.sh)
-        if N >= WIDE_N and (K, N, bits, mode) not in TUNED:
+        if N >= WIDE_N and (K, N, bits, mode) not in tuned:
             stages = int(os.environ.get("EMBER_GEMV_WIDE_STAGES") or WIDE_STAGES)
         stages = int(os.environ.get("EMBER_GEMV_STAGES") or stages)
         per_sm = int(os.environ.get("EMBER_GEMV_PER_SM") or per_sm)
