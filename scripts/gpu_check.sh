@@ -65,13 +65,16 @@ bench() {  # ember bench ... -> one JSON line appended to bench.jsonl
 ab8b() {  # ab8b TAG FILE [VAR=value ...]: the 8B decode row of an A/B arm, prefixed with TAG, into $OUT/FILE
   local tag=$1 file=$2; shift 2
   env "$@" python3 -m ember.cli bench --json -q --synthetic llama3-8b --bpw ${AB_BPW:-4.0} --head-bits 8 \
-    --prompt-len 512 --gen-len 128 2>>"$OUT/bench_err.log" | tail -1 | sed "s|^|$tag |" | tee -a "$OUT/$file"
+    --prompt-len 512 --gen-len 128 ${AB_SEQ:+--max-seq-len $AB_SEQ} 2>>"$OUT/bench_err.log" | tail -1 \
+    | sed "s|^|$tag |" | tee -a "$OUT/$file"
 }
-abarms() {  # abarms FILE ARM...: ab8b of each arm, VAR=value[,VAR=value] (a BPW=b entry sets the arm's bpw)
-  local file=$1 arm b; shift
+abarms() {  # abarms FILE ARM...: ab8b of each arm, VAR=value[,VAR=value] (a BPW=b entry sets the arm's bpw,
+  # SEQ=n its --max-seq-len)
+  local file=$1 arm b q; shift
   for arm in "$@"; do
     b=$(sed -n 's/.*BPW=\([0-9.]*\).*/\1/p' <<< "$arm")
-    AB_BPW=${b:-${AB_BPW:-4.0}} ab8b "arm=$arm" "$file" ${arm//,/ }
+    q=$(sed -n 's/.*SEQ=\([0-9]*\).*/\1/p' <<< "$arm")
+    AB_BPW=${b:-${AB_BPW:-4.0}} AB_SEQ=$q ab8b "arm=$arm" "$file" ${arm//,/ }
   done
 }
 if has h2 || has qtests; then  # the quantized-matmul GPU tests of the one-row path and mixed widths

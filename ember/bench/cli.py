@@ -40,12 +40,13 @@ def cmd_bench(args) -> int:
 
     wbytes = stored_weight_bytes(model)
     res = measure(model, device, args.prompt_len, args.gen_len, args.batch, wbytes, reps=args.reps,
-                  use_graphs=False if args.no_graphs else None)
+                  use_graphs=False if args.no_graphs else None, max_seq_len=args.max_seq_len)
     if args.synthetic:
         bpw = round(decoder_bpw(model), 3)  # what is actually stored, not the request
     row = dict(model=name, bpw=bpw, head_bits=args.head_bits if args.synthetic else None, batch=args.batch,
                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               prompt_len=args.prompt_len, gen_len=args.gen_len, weight_gib=wbytes / 2**30,
+               prompt_len=args.prompt_len, gen_len=args.gen_len, max_seq_len=args.max_seq_len,
+               weight_gib=wbytes / 2**30,
                dtype=str(_activation_dtype(model)).removeprefix("torch."),
                date=datetime.date.today().isoformat(), **res, **_switches())
     if args.json:
@@ -110,6 +111,9 @@ def add_cli(sub, common) -> None:
     b.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per sequence (default 512)")
     b.add_argument("--gen-len", type=int, default=128, help="decoded tokens per sequence (default 128)")
     b.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    b.add_argument("--max-seq-len", type=int, default=None,
+                   help="context each decode block table holds, as `generate --max-seq-len` (sets the decode "
+                        "attention's split count; default: prompt + generated tokens)")
     b.add_argument("--reps", type=int, default=3, help="timed repetitions; the median is reported (default 3)")
     b.add_argument("--device", default=None, help="cuda (default when present) or cpu")
     b.add_argument("--no-graphs", action="store_true", help="decode eagerly instead of through CUDA graphs")

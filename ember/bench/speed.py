@@ -41,7 +41,9 @@ def _sync(device):
 
 
 def measure(model, device, prompt_len: int, gen_len: int, batch: int, weight_bytes: int, reps: int = 3,
-            use_graphs: bool | None = None, seed: int = 0) -> dict:
+            use_graphs: bool | None = None, seed: int = 0, max_seq_len: int | None = None) -> dict:
+    """max_seq_len: the context the decode's block tables hold per sequence, as the engine's max_seq_len
+    (default: just the prompt and the generated tokens). It sets the decode attention's split count."""
     cfg = model.config
     dtype = model.model.embed_tokens.weight.dtype
     pages_per_seq = -(-(prompt_len + gen_len + 1) // PAGE)
@@ -73,7 +75,8 @@ def measure(model, device, prompt_len: int, gen_len: int, batch: int, weight_byt
         prefill_s, first = timed(lambda: prefill.forward(prompts[0], tables[0]))
         graph_used = True
 
-    runner = DecodeRunner(model, kv, batch, pages_per_seq, device, use_graphs)
+    table_pages = max(pages_per_seq, -(-(max_seq_len or 0) // PAGE))  # pages past the used ones: the scratch page
+    runner = DecodeRunner(model, kv, batch, table_pages, device, use_graphs)
     decode_times = []
     for rep in range(reps + 1):  # the first pass captures the graph
         for b in range(batch):

@@ -35,7 +35,7 @@ from ember.kernels.attention_common import (
 # docs/benchmarks.md). Splits without keys cost little: their programs exit and the merge skips them.
 # EMBER_ATTN_MIN_SPLIT overrides it (A/B runs).
 MIN_SPLIT_TOKENS = int(os.environ.get("EMBER_ATTN_MIN_SPLIT", "32"))
-MAX_SPLITS = 64
+MAX_SPLITS = int(os.environ.get("EMBER_ATTN_MAX_SPLITS", "64"))  # (the variable: A/B runs)
 # Partial-output elements the last program holds at once while merging (registers). With early reads the
 # kernel takes 255 registers anyway (sm_90, offline: 168 without them, 254 with twice this), so it merges
 # EARLY_MERGE_SCALE times as many: 32 splits of 4 heads in one L2 round trip, still without spills

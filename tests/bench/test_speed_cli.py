@@ -38,6 +38,9 @@ def test_bench_json_line(folder, capsys, monkeypatch):
     assert main([*args, "--json", "-q"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["ember_fuse"] == 0 and row["ember_async_decode"] == 0 and row["decode_tok_s"] > 0
+    assert main([*args, "--max-seq-len", "4096", "--json", "-q"]) == 0  # block tables of the engine's capacity
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["max_seq_len"] == 4096 and row["decode_tok_s"] > 0
     assert main([*args, "-q"]) == 0
     out = capsys.readouterr().out
     assert "prefill" in out and "decode" in out and "tok/s" in out and "{" not in out
