@@ -35,7 +35,10 @@ from ember.kernels.attention_common import (
 # docs/benchmarks.md). Splits without keys cost little: their programs exit and the merge skips them.
 # EMBER_ATTN_MIN_SPLIT overrides it (A/B runs).
 MIN_SPLIT_TOKENS = int(os.environ.get("EMBER_ATTN_MIN_SPLIT", "32"))
-MAX_SPLITS = int(os.environ.get("EMBER_ATTN_MAX_SPLITS", "64"))  # (the variable: A/B runs)
+# At most this many splits: with early reads the kernel holds 255 registers, 2 programs an SM, so 64 splits of
+# 8 kv heads (512 programs) took two waves on an H100. Llama-3-8B decode with the engine's 4096-token tables:
+# 478.7 / 478.9 tok/s at 64, 508.8 / 508.8 at 32 (call J6). EMBER_ATTN_MAX_SPLITS overrides it (A/B runs).
+MAX_SPLITS = int(os.environ.get("EMBER_ATTN_MAX_SPLITS", "32"))
 # Partial-output elements the last program holds at once while merging (registers). With early reads the
 # kernel takes 255 registers anyway (sm_90, offline: 168 without them, 254 with twice this), so it merges
 # EARLY_MERGE_SCALE times as many: 32 splits of 4 heads in one L2 round trip, still without spills

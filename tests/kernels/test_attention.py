@@ -316,7 +316,7 @@ def test_decode_cuda_graph(device):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_decode_rope_cuda_graph(device, dtype):
-    """Llama-3 heads, default split counts (up to 64): the fused op eager, then captured in a CUDA graph and
+    """Llama-3 heads, default split counts (up to 32): the fused op eager, then captured in a CUDA graph and
     replayed with new q/k/v (the split counters must be zero again after every launch)."""
     bt = rope_decode_batch([0, 100, 1022, 3000], [1] * 4, 32, 8, 128, dtype, device, seed=5, page=64)
     run = lambda: ops.decode_attention_rope(bt["q"], bt["k"], bt["v"], bt["pos"], bt["cos_sin"], bt["k_cache"],
