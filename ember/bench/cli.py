@@ -78,7 +78,8 @@ def _switches() -> dict:
                 ember_even_n=int(env("EMBER_EVEN_N", "0") == "1"), ember_async_decode=int(async_decode()),
                 ember_attn_early=int(env("EMBER_ATTN_EARLY", "1") != "0"), ember_attn_min_split=MIN_SPLIT_TOKENS,
                 ember_attn_merge_scale=EARLY_MERGE_SCALE, ember_epi_early=int(_epi_early()),
-                ember_step_kernels=int(step_kernels()), ember_tuned=int(env("EMBER_TUNED", "1") != "0"))
+                ember_step_kernels=int(step_kernels()), ember_tuned=int(env("EMBER_TUNED", "1") != "0"),
+                ember_pdl_all=int(env("EMBER_PDL_ALL", "1") != "0"))
 
 
 def format_row(r: dict) -> str:

@@ -170,11 +170,14 @@ ONE_PLANE = (1 << 2, 1 << 3, 1 << 4, 1 << 8)  # `widths` of a matrix of one widt
 
 
 def _pdl_kwargs(plan: QMatmulPlan, device: torch.device) -> dict:
-    """PDL mode 2 (first weight tile loaded before the wait) only for one-plane, one-width matrices: it
-    duplicates the tile code, which made ptxas take 30 s for a two-plane 3-bit (format version 1) and 166 s
-    for a mixed-width kernel (offline, sm_90) instead of 2 and 10 s; the others wait at the start (mode 1)."""
+    """PDL mode 2 (first weight tile loaded before the wait) for every matrix. It duplicates the tile code:
+    with format version 1 that made ptxas take 30 s for a two-plane 3-bit kernel and 166 s for a mixed-width
+    one (offline, sm_90), so until the seventh round only one-plane, one-width matrices (2, 3, 4, 8 bits) used
+    it. Since the 3-bit plane (format version 2), Triton 3.6 compiles the 5- and 6-bit kernels in 3 s, any two
+    adjacent widths in 3.4-6 s and all six widths in one matrix in 12.5 s (scripts/sass_check.py, offline).
+    EMBER_PDL_ALL=0 restores the old rule (the others wait at the start, mode 1) for A/B runs."""
     kw = pdl.launch_kwargs(device)
-    if kw["PDL"] == 2 and plan.widths not in ONE_PLANE:
+    if kw["PDL"] == 2 and plan.widths not in ONE_PLANE and os.environ.get("EMBER_PDL_ALL", "1") == "0":
         kw["PDL"] = 1
     return kw
 
