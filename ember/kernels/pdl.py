@@ -45,13 +45,18 @@ def launch_kwargs(device: torch.device) -> dict:
     return {"launch_pdl": True, "PDL": m} if m else {"PDL": 0}
 
 
+# Under the interpreter the PDL instructions are no-ops, so that tests can run a kernel's PDL-2 code path
+# (work peeled off before the wait) on CPU with PDL forced on.
+ON_GPU = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+
+
 @triton.jit
 def wait(PDL: tl.constexpr):
-    if PDL:
+    if PDL and ON_GPU:
         gdc_wait()
 
 
 @triton.jit
 def launch_dependents(PDL: tl.constexpr):
-    if PDL:
+    if PDL and ON_GPU:
         gdc_launch_dependents()

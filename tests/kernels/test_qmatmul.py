@@ -324,3 +324,20 @@ def test_gemv_switches_for_ab_runs(monkeypatch):
     assert _even_n(gemv, 4096, False) and not _even_n(gemv, 4096 + 128, False)
     assert _even_n(gemv, 2 * 4096, True) and not _even_n(gemv, 2 * (4096 + 128), True)
     assert launch(4096, 512).splits == 2
+
+
+@pytest.mark.parametrize("spec", [[(128, 4, 64)], [(192, 5, 64)], [(128, 3, 64), (64, 2, 64)],
+                                  [(64, 6, 64), (128, 3, 32), (64, 8, 64)]], ids=["4", "5", "3+2", "6+3+8"])
+@pytest.mark.parametrize("tiles", [1, 2])
+def test_one_row_first_tile_before_wait(spec, tiles, monkeypatch):
+    """PDL mode 2's path (tile 0 loaded before the wait, then the loop from tile 1), which the GPU takes for
+    every matrix: forced on here, where the PDL instructions are no-ops (pdl.ON_GPU). One- and two-plane
+    widths, mixed widths, asymmetric zeros and a permutation; one and two tiles a split."""
+    from ember.kernels import pdl
+
+    monkeypatch.setattr(pdl, "launch_kwargs", lambda device: {"PDL": 2})
+    qt = make_qt(spec, 96, asym=len(spec) > 2, use_perm=len(spec) > 2, seed=tiles)
+    x = torch.randn(1, qt.in_features, device=DEV).half()
+    ref = x.float() @ dequantize(qt).to(DEV).T
+    out = qmatmul(x, qt, plan=make_plan(qt, tiles))
+    assert ((out.float() - ref).norm() / ref.norm()) < TOL
