@@ -25,6 +25,7 @@ import torch
 
 from ember.engine.sampler import argmax
 from ember.forward_batch import ForwardBatch
+from ember.kernels import ops
 from ember.kernels.reference import decode_slots
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
@@ -86,7 +87,7 @@ class DecodeRunner:
     # -- the step -------------------------------------------------------------------------------------
     def _step(self, b: int, greedy: bool) -> None:
         pos = self.pos[:b]  # (b,)
-        fast = self.device.type == "cuda" and step_kernels()
+        fast = self.device.type == "cuda" and ops.use_triton(pos) and step_kernels()  # (EMBER_NO_TRITON=1: torch)
         if fast:  # (imported here: Triton is optional on CPU, and its mode is fixed at import)
             from ember.kernels.step import greedy_advance, prepare_decode
 

@@ -332,3 +332,17 @@ def test_decode_rope_cuda_graph(device, dtype):
         want = rope_reference(bt, 0.1, None)
         graph.replay()
         check_rope(out, bt, want, dtype, f"graph replay {step}")
+
+
+def test_choose_num_splits(monkeypatch):
+    """Splits per (sequence, kv head): a power of two for ~2 waves, at most MAX_SPLITS (32: with early reads
+    2 programs fit an SM, and 64 splits of 8 kv heads took two waves, call J6), and at least MIN_SPLIT_TOKENS
+    keys of capacity each. The grid depends only on (B, Hk, capacity): the same for any sequence length."""
+    from ember.kernels import attention_decode as ad
+    monkeypatch.setattr(ad, "_sm_count", lambda device: 132)  # an H100
+    cpu = torch.device("cpu")
+    assert ad.choose_num_splits(1, 8, 4096, cpu) == 32  # the engine's default tables (64 before J6)
+    assert ad.choose_num_splits(1, 8, 704, cpu) == 32  # `ember bench`, 512 + 128 tokens (8 before J1)
+    assert ad.choose_num_splits(1, 8, 256, cpu) == 8  # 32 keys of capacity a split at least
+    assert ad.choose_num_splits(32, 8, 4096, cpu) == 2
+    assert ad.choose_num_splits(1, 32, 4096, cpu) == 16
