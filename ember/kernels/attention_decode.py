@@ -213,12 +213,13 @@ def _early(device_type: str, index: int | None) -> bool:
 
 
 def early(device: torch.device) -> bool:
-    """Whether the rope-fused decode reads the step's metadata (query_start_loc, seq_lens, block tables) and its
-    first block of cached keys/values before the PDL wait (PDL mode 2 only; EMBER_ATTN_EARLY=0 turns it off).
-    Safe because none of these is written by the kernels it may overlap: the engine writes the metadata with
-    plain (non-PDL) torch ops at the start of a step, which complete before any PDL kernel of the step starts,
-    and the keys read here are earlier tokens' (the new token's key is written by this kernel, after the
-    wait). A caller that writes them with a PDL kernel right before this one must turn it off."""
+    """Whether the rope-fused decode reads the step's metadata (query_start_loc, seq_lens, block tables,
+    positions, slots), cos/sin and its first block of cached keys/values before the PDL wait (PDL mode 2 only;
+    EMBER_ATTN_EARLY=0 turns it off). Safe because none of these is written by the kernels it may overlap:
+    the engine writes the metadata with plain launches at the start of a step (kernels/step.py
+    prepare_decode, or torch ops), which complete before any PDL kernel of the step starts; cos/sin never
+    change; and the keys read here are earlier tokens' (the new token's key is written by this kernel, after
+    the wait). A caller that writes any of them with a PDL kernel right before this one must turn it off."""
     return pdl.mode(device) == 2 and _early(device.type, device.index)
 
 

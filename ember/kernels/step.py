@@ -1,7 +1,7 @@
 """The two small kernels around a decode step (engine/runner.py): one before the model, one after it.
 
 A CUDA graph replays launches back to back, yet each dependent launch still costs ~1.5-3 us. The step used
-torch ops for its bookkeeping: ~20 launches, 44 us of a 2.12 ms Llama-3-8B step (call J1's graph timeline,
+torch ops for its bookkeeping: 19 launches, 43 us of a 2.12 ms Llama-3-8B step (call J1's graph timeline,
 docs/benchmarks.md). Here it is two:
 
 - `prepare_decode`: each row's cache slot (its page from the block table) and seq_len from its position.
@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ember.kernels import pdl
 
-ARGMAX_CHUNK = 2048  # vocabulary entries per program: 63 programs for a 128k vocabulary
+ARGMAX_CHUNK = 2048  # vocabulary entries per program, at most: 64 programs (a power of two) for 128256
 
 
 @triton.jit

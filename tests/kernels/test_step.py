@@ -51,7 +51,7 @@ def test_greedy_advance(device, dtype, v):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_greedy_advance_llama3_vocab_gpu(device, dtype):
-    """A 128256-entry vocabulary (63 chunk programs) in every head dtype, inside a CUDA graph."""
+    """A 128256-entry vocabulary (64 chunk programs) in every head dtype, inside a CUDA graph."""
     from ember.kernels.step import greedy_advance
     logits = _logits(128256, dtype, device)
     tokens, ids = (torch.zeros(5, dtype=torch.int64, device=device) for _ in range(2))
