@@ -66,8 +66,8 @@ def _switches() -> dict:
     packed-half decode (ember_h2) applies only where the row's dtype is float16."""
     from ember.engine.runner import async_decode, step_kernels
     from ember.kernels import ops
-    from ember.kernels.attention_decode import EARLY_MERGE_SCALE, MIN_SPLIT_TOKENS
-    from ember.kernels.qmatmul import DEFAULTS, WIDE_STAGES, _epi_early
+    from ember.kernels.attention_decode import EARLY_MERGE_SCALE, MIN_SPLIT_TOKENS, early_enabled
+    from ember.kernels.qmatmul import DEFAULTS, WIDE_STAGES, _epi_early, _even_n_on, _pdl_all, _use_tuned
 
     env = os.environ.get
     return dict(ember_fuse=int(ops.fuse_enabled()), ember_h2=int(env("EMBER_H2", "1") != "0"),
@@ -75,11 +75,11 @@ def _switches() -> dict:
                 ember_gemv_stages=int(env("EMBER_GEMV_STAGES") or DEFAULTS["gemv"][2]),
                 ember_gemv_per_sm=int(env("EMBER_GEMV_PER_SM") or 0),  # 0: the launch tables' own
                 ember_gemv_wide_stages=int(env("EMBER_GEMV_WIDE_STAGES") or WIDE_STAGES),
-                ember_even_n=int(env("EMBER_EVEN_N", "0") == "1"), ember_async_decode=int(async_decode()),
-                ember_attn_early=int(env("EMBER_ATTN_EARLY", "1") != "0"), ember_attn_min_split=MIN_SPLIT_TOKENS,
+                ember_even_n=int(_even_n_on()), ember_async_decode=int(async_decode()),
+                ember_attn_early=int(early_enabled()), ember_attn_min_split=MIN_SPLIT_TOKENS,
                 ember_attn_merge_scale=EARLY_MERGE_SCALE, ember_epi_early=int(_epi_early()),
-                ember_step_kernels=int(step_kernels()), ember_tuned=int(env("EMBER_TUNED", "1") != "0"),
-                ember_pdl_all=int(env("EMBER_PDL_ALL", "1") != "0"))
+                ember_step_kernels=int(step_kernels()), ember_tuned=int(_use_tuned()),
+                ember_pdl_all=int(_pdl_all()))
 
 
 def format_row(r: dict) -> str:

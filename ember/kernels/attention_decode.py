@@ -208,7 +208,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, slot_ptr, kc_ptr, vc_pt
 
 
 @functools.cache
-def _early(device_type: str, index: int | None) -> bool:
+def early_enabled() -> bool:
+    """EMBER_ATTN_EARLY=0 turns the early reads off (read once per process)."""
     return os.environ.get("EMBER_ATTN_EARLY", "1") != "0"
 
 
@@ -220,7 +221,7 @@ def early(device: torch.device) -> bool:
     prepare_decode, or torch ops), which complete before any PDL kernel of the step starts; cos/sin never
     change; and the keys read here are earlier tokens' (the new token's key is written by this kernel, after
     the wait). A caller that writes any of them with a PDL kernel right before this one must turn it off."""
-    return pdl.mode(device) == 2 and _early(device.type, device.index)
+    return pdl.mode(device) == 2 and early_enabled()
 
 
 @functools.cache

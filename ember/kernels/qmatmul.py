@@ -113,7 +113,7 @@ def split_meta(segments: list[list[int]], tiles_per_split: int) -> torch.Tensor:
 def _launch(segments, K: int, N: int, mode: str, device: torch.device, tiles: int | None,
             config: tuple[int, int, int, int] | None) -> Launch:
     bits = segments[0][2] if len(segments) == 1 else 0
-    tuned = TUNED if os.environ.get("EMBER_TUNED", "1") != "0" else {}  # EMBER_TUNED=0: DEFAULTS only (A/B)
+    tuned = TUNED if _use_tuned() else {}
     bn, warps, stages, per_sm, *bm = config or tuned.get((K, N, bits, mode), DEFAULTS[mode])
     if mode == "gemv" and config is None:  # A/B runs (gpu_check.sh)
         if N >= WIDE_N and (K, N, bits, mode) not in tuned:
@@ -177,7 +177,7 @@ def _pdl_kwargs(plan: QMatmulPlan, device: torch.device) -> dict:
     adjacent widths in 3.4-6 s and all six widths in one matrix in 12.5 s (scripts/sass_check.py, offline).
     EMBER_PDL_ALL=0 restores the old rule (the others wait at the start, mode 1) for A/B runs."""
     kw = pdl.launch_kwargs(device)
-    if kw["PDL"] == 2 and plan.widths not in ONE_PLANE and os.environ.get("EMBER_PDL_ALL", "1") == "0":
+    if kw["PDL"] == 2 and plan.widths not in ONE_PLANE and not _pdl_all():
         kw["PDL"] = 1
     return kw
 
@@ -202,7 +202,23 @@ def _even_n(launch: Launch, N: int, glu: bool) -> bool:
     Off by default: 22 fewer SASS instructions a 4-bit tile (696 -> 674), yet the 8B decode fell from
     457.0 / 457.4 to 442.9 / 442.3 tok/s (call H4, docs/dev/qmatmul-notes.md)."""
     whole = (N // 2) % (launch.block_n // 2) == 0 if glu else N % launch.block_n == 0
-    return whole and os.environ.get("EMBER_EVEN_N", "0") == "1"
+    return whole and _even_n_on()
+
+
+# The A/B switches read at every launch (gpu_check.sh; `ember bench` rows record them: bench/cli._switches).
+def _use_tuned() -> bool:
+    """EMBER_TUNED=0: the DEFAULTS launch configs only, no per-shape TUNED entry."""
+    return os.environ.get("EMBER_TUNED", "1") != "0"
+
+
+def _pdl_all() -> bool:
+    """EMBER_PDL_ALL=0: PDL mode 2 for one-plane, one-width matrices only (_pdl_kwargs)."""
+    return os.environ.get("EMBER_PDL_ALL", "1") != "0"
+
+
+def _even_n_on() -> bool:
+    """EMBER_EVEN_N=1: the constant column mask where the blocks are whole (_even_n)."""
+    return os.environ.get("EMBER_EVEN_N", "0") == "1"
 
 
 def _epi_early() -> bool:
