@@ -10,30 +10,14 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ember.bench.synthetic import build_synthetic
-from ember.engine.kv_cache import KVCache
-from ember.engine.runner import DecodeRunner
 from ember.forward_batch import ForwardBatch
+from scripts.profile_graph import profiled_steps
 
 name = sys.argv[1] if len(sys.argv) > 1 else "llama3-8b"
 bpw = float(sys.argv[2]) if len(sys.argv) > 2 else 4.0
 dev = torch.device("cuda")
-model = build_synthetic(name, bpw, 6, dev, max_positions=1024)
-kv = KVCache(model.config, 10, 64, torch.float16, dev)
-pages = list(range(9))
-prompt = torch.randint(0, 1000, (512,)).tolist()
-with torch.inference_mode():
-    first = int(model(ForwardBatch.build([(prompt, 0, pages)], 64, dev), kv.layers()).argmax(-1)[0])
-r = DecodeRunner(model, kv, 1, 9, dev, use_graphs=False)
-r.set_sequence(0, first, 512, pages)
-for _ in range(3):
-    r.step(1)
-torch.cuda.synchronize()
 steps = 5
-with profile(activities=[ProfilerActivity.CUDA]) as prof:
-    for _ in range(steps):
-        r.step(1)
-    torch.cuda.synchronize()
+model, kv, pages, prompt, prof = profiled_steps(name, bpw, 6, 512, False, 3, steps)  # eager steps
 
 
 def report(prof, steps, what):

@@ -18,89 +18,103 @@ from ember.engine.kv_cache import KVCache
 from ember.engine.runner import DecodeRunner
 from ember.forward_batch import ForwardBatch
 
-name = sys.argv[1] if len(sys.argv) > 1 else "llama3-8b"
-bpw = float(sys.argv[2]) if len(sys.argv) > 2 else 4.0
-head_bits = int(sys.argv[3]) if len(sys.argv) > 3 else 8
-prompt_len = int(sys.argv[4]) if len(sys.argv) > 4 else 512
-dev = torch.device("cuda")
-model = build_synthetic(name, bpw, head_bits, dev, max_positions=prompt_len + 512)
-page = 64
-n_pages = (prompt_len + 256) // page + 1
-kv = KVCache(model.config, n_pages + 1, page, torch.float16, dev)
-pages = list(range(n_pages))
-prompt = torch.randint(0, 1000, (prompt_len,)).tolist()
-with torch.inference_mode():
-    first = int(model(ForwardBatch.build([(prompt, 0, pages)], page, dev), kv.layers()).argmax(-1)[0])
-r = DecodeRunner(model, kv, 1, n_pages, dev, use_graphs=True)
-r.set_sequence(0, first, prompt_len, pages)
-for _ in range(5):
-    r.step(1)
-torch.cuda.synchronize()
-steps = 8
-with profile(activities=[ProfilerActivity.CUDA]) as prof:
-    for _ in range(steps):
+
+def profiled_steps(name: str, bpw: float, head_bits: int, prompt_len: int, use_graphs: bool, warm: int,
+                   steps: int):
+    """A synthetic model prefilled with a random prompt (64-token pages), `warm` batch-1 greedy decode steps,
+    then `steps` more under the torch profiler (CUDA activity) -> (model, kv, pages, prompt, profile)."""
+    dev = torch.device("cuda")
+    model = build_synthetic(name, bpw, head_bits, dev, max_positions=prompt_len + 512)
+    page = 64
+    n_pages = (prompt_len + 256) // page + 1
+    kv = KVCache(model.config, n_pages + 1, page, torch.float16, dev)
+    pages = list(range(n_pages))
+    prompt = torch.randint(0, 1000, (prompt_len,)).tolist()
+    with torch.inference_mode():
+        first = int(model(ForwardBatch.build([(prompt, 0, pages)], page, dev), kv.layers()).argmax(-1)[0])
+    r = DecodeRunner(model, kv, 1, n_pages, dev, use_graphs=use_graphs)
+    r.set_sequence(0, first, prompt_len, pages)
+    for _ in range(warm):
         r.step(1)
     torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            r.step(1)
+        torch.cuda.synchronize()
+    return model, kv, pages, prompt, prof
 
-ev = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
-per = len(ev) // steps
-if per < 3:
-    sys.exit(f"only {len(ev)} kernel records for {steps} graph replays: this profiler does not trace inside graphs")
-if per * steps != len(ev):
-    print(f"warning: {len(ev)} records for {steps} steps")
-rows = [ev[i * per:(i + 1) * per] for i in range(steps)]
-periods = [rows[i + 1][0].time_range.start - rows[i][0].time_range.start for i in range(steps - 1)]
-busy = [s[-1].time_range.end - s[0].time_range.start for s in rows]
-print(f"{name} {bpw} bpw, head {head_bits} bits, prompt {prompt_len}: {per} kernels a step; "
-      f"step period {sorted(periods)[len(periods) // 2]:.1f} us, first start -> last end "
-      f"{sorted(busy)[len(busy) // 2]:.1f} us, summed durations "
-      f"{sum(e.time_range.end - e.time_range.start for e in rows[steps // 2]):.1f} us")
 
-# median over the profiled steps of each kernel's duration and of what it adds (end - previous end)
-names = [e.name for e in rows[0]]
-dur = [[] for _ in range(per)]
-add = [[] for _ in range(per)]
-gap = [[] for _ in range(per)]
-for s in rows:
-    for i, e in enumerate(s):
-        dur[i].append(e.time_range.end - e.time_range.start)
-        prev = s[i - 1].time_range.end if i else e.time_range.start
-        add[i].append(e.time_range.end - prev)
-        gap[i].append(e.time_range.start - prev)
-med = lambda xs: sorted(xs)[len(xs) // 2]
-D, A, G = ([med(x) for x in xs] for xs in (dur, add, gap))
+def main() -> None:
+    name = sys.argv[1] if len(sys.argv) > 1 else "llama3-8b"
+    bpw = float(sys.argv[2]) if len(sys.argv) > 2 else 4.0
+    head_bits = int(sys.argv[3]) if len(sys.argv) > 3 else 8
+    prompt_len = int(sys.argv[4]) if len(sys.argv) > 4 else 512
+    steps = 8
+    prof = profiled_steps(name, bpw, head_bits, prompt_len, True, 5, steps)[-1]
 
-# the layer period: the smallest P with names[i] == names[i + P] over the middle of the step
-period = next((p for p in range(2, 16) if all(names[i] == names[i + p] for i in range(per // 4, per // 2))), 0)
-print(f"layer period {period} kernels")
-if period:
-    i0 = per // 4 - (per // 4) % period
-    while i0 >= period and all(names[i0 - period + j] == names[i0 + j] for j in range(period)):
-        i0 -= period
-    layers = 0
-    while i0 + (layers + 1) * period <= per and all(names[i0 + layers * period + j] == names[i0 + j]
-                                                     for j in range(period)):
-        layers += 1
-    print(f"{layers} layers from kernel {i0}; per layer position (mean over layers):")
-    print(f"{'pos':>3} {'lasts us':>9} {'adds us':>8} {'gap us':>7}  kernel")
-    tot_a = 0.0
-    for j in range(period):
-        idx = [i0 + k * period + j for k in range(layers)]
-        d, a, g = (sum(X[i] for i in idx) / layers for X in (D, A, G))
-        tot_a += a * layers
-        print(f"{j:3d} {d:9.2f} {a:8.2f} {g:7.2f}  {names[i0 + j][:90]}")
-    print(f"layers add {tot_a:.1f} us; outside the layers:")
-    outside = list(range(i0)) + list(range(i0 + layers * period, per))
-else:
-    outside = range(per)
-for i in outside:
-    print(f"{i:3d} {D[i]:9.2f} {A[i]:8.2f} {G[i]:7.2f}  {names[i][:90]}")
-by = defaultdict(lambda: [0, 0.0, 0.0])
-for i in range(per):
-    k = by[names[i][:60]]
-    k[0] += 1
-    k[1] += D[i]
-    k[2] += A[i]
-print("by kernel name (a step): count, lasts, adds")
-for k, (c, d, a) in sorted(by.items(), key=lambda kv: -kv[1][2]):
-    print(f"{c:4d} {d:9.1f} {a:9.1f}  {k}")
+    ev = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    per = len(ev) // steps
+    if per < 3:
+        sys.exit(f"only {len(ev)} kernel records for {steps} graph replays: this profiler does not trace inside graphs")
+    if per * steps != len(ev):
+        print(f"warning: {len(ev)} records for {steps} steps")
+    rows = [ev[i * per:(i + 1) * per] for i in range(steps)]
+    periods = [rows[i + 1][0].time_range.start - rows[i][0].time_range.start for i in range(steps - 1)]
+    busy = [s[-1].time_range.end - s[0].time_range.start for s in rows]
+    print(f"{name} {bpw} bpw, head {head_bits} bits, prompt {prompt_len}: {per} kernels a step; "
+          f"step period {sorted(periods)[len(periods) // 2]:.1f} us, first start -> last end "
+          f"{sorted(busy)[len(busy) // 2]:.1f} us, summed durations "
+          f"{sum(e.time_range.end - e.time_range.start for e in rows[steps // 2]):.1f} us")
+
+    # median over the profiled steps of each kernel's duration and of what it adds (end - previous end)
+    names = [e.name for e in rows[0]]
+    dur = [[] for _ in range(per)]
+    add = [[] for _ in range(per)]
+    gap = [[] for _ in range(per)]
+    for s in rows:
+        for i, e in enumerate(s):
+            dur[i].append(e.time_range.end - e.time_range.start)
+            prev = s[i - 1].time_range.end if i else e.time_range.start
+            add[i].append(e.time_range.end - prev)
+            gap[i].append(e.time_range.start - prev)
+    med = lambda xs: sorted(xs)[len(xs) // 2]
+    D, A, G = ([med(x) for x in xs] for xs in (dur, add, gap))
+
+    # the layer period: the smallest P with names[i] == names[i + P] over the middle of the step
+    period = next((p for p in range(2, 16) if all(names[i] == names[i + p] for i in range(per // 4, per // 2))), 0)
+    print(f"layer period {period} kernels")
+    if period:
+        i0 = per // 4 - (per // 4) % period
+        while i0 >= period and all(names[i0 - period + j] == names[i0 + j] for j in range(period)):
+            i0 -= period
+        layers = 0
+        while i0 + (layers + 1) * period <= per and all(names[i0 + layers * period + j] == names[i0 + j]
+                                                         for j in range(period)):
+            layers += 1
+        print(f"{layers} layers from kernel {i0}; per layer position (mean over layers):")
+        print(f"{'pos':>3} {'lasts us':>9} {'adds us':>8} {'gap us':>7}  kernel")
+        tot_a = 0.0
+        for j in range(period):
+            idx = [i0 + k * period + j for k in range(layers)]
+            d, a, g = (sum(X[i] for i in idx) / layers for X in (D, A, G))
+            tot_a += a * layers
+            print(f"{j:3d} {d:9.2f} {a:8.2f} {g:7.2f}  {names[i0 + j][:90]}")
+        print(f"layers add {tot_a:.1f} us; outside the layers:")
+        outside = list(range(i0)) + list(range(i0 + layers * period, per))
+    else:
+        outside = range(per)
+    for i in outside:
+        print(f"{i:3d} {D[i]:9.2f} {A[i]:8.2f} {G[i]:7.2f}  {names[i][:90]}")
+    by = defaultdict(lambda: [0, 0.0, 0.0])
+    for i in range(per):
+        k = by[names[i][:60]]
+        k[0] += 1
+        k[1] += D[i]
+        k[2] += A[i]
+    print("by kernel name (a step): count, lasts, adds")
+    for k, (c, d, a) in sorted(by.items(), key=lambda kv: -kv[1][2]):
+        print(f"{c:4d} {d:9.1f} {a:9.1f}  {k}")
+
+
+if __name__ == "__main__":
+    main()
