@@ -41,7 +41,7 @@ def compile_kernel(args) -> tuple[str, str, str, int]:
     const = dict(BM=16 if args.dot else 1, BN=args.bn, WIDTHS=widths, USE_DOT=args.dot, HAS_ZEROS=args.zeros,
                  HAS_PERM=args.zeros, HAS_G32=args.zeros, ATOMIC=True, DOT_DT=tl.float16, PDL=args.pdl,
                  H2=0 if args.dot else args.h2, NORM_IN="norm" in epi, RESID="resid" in epi, GLU="glu" in epi,
-                 STAGES=args.stages, EVEN_N=args.even, **({"EPI_EARLY": True} if args.epi_early else {}))
+                 STAGES=args.stages, EVEN_N=args.even, EPI_EARLY=args.epi_early)
     sig = dict(SIGNATURE, **{k: "constexpr" for k in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in ALIGNED}
     k = triton.compile(ASTSource(fn=qmatmul_kernel, signature=sig, constexprs=const, attrs=attrs),

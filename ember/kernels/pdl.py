@@ -34,7 +34,8 @@ def _mode(device_type: str, index: int | None) -> int:
 def mode(device: torch.device) -> int:
     """0: off; 1: every kernel waits at its start; 2 (default): the one-row quantized matmul first loads its
     first weight tile, then waits (qmatmul._pdl_kwargs), and the rope-fused decode attention reads its
-    metadata and first cached block first (attention_decode.early). H100, Llama-3-8B 4-bit decode: 340.3 / 351.6 / 355.8 tok/s for 0 / 1 / 2.
+    metadata and first cached block first (attention_decode.early). H100, Llama-3-8B 4-bit decode: 340.3 /
+    351.6 / 355.8 tok/s for 0 / 1 / 2 (second round).
     Read once per device (it is asked on every launch, and eager prefill is bound by the host)."""
     return _mode(device.type, device.index)
 
