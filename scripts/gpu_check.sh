@@ -2,7 +2,7 @@
 # The one command run on the GPU machine (device tool): GPU tests + benchmarks, results under $OUT.
 #
 #   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [stages] [stagetable] [base] [ab] [async] [bench8b] [quick] [full] [exl2]
-#                        [attn] [gptq8b] [bench70b] [bpw] [pdl] [profile] [gprofile] [sweep] [prefillgemm] [tests]
+#                        [attn] [gptq8b] [bench70b] [ember70b] [bpw] [pdl] [profile] [gprofile] [sweep] [prefillgemm] [overlap] [tests]
 #   (default: tests bench8b exl2). Run it under `timeout N` to fit a device call: timeout signals the whole
 #   process group, and on TERM the script stops what it started and still packs $OUT for the return trip.
 # smoke: the engine / model / attention GPU tests first; qtests: the one-row, mixed-width and epilogue
@@ -22,7 +22,9 @@
 #   pdl: each EMBER_PDL mode (kernels/pdl.py); profile: per-kernel GPU time and prefill host overhead
 #   (scripts/profile_decode.py); gprofile: the graph-replayed step's kernel timeline (scripts/profile_graph.py),
 #   once per PROFILE_ARMS entry (VAR=value[,VAR=value]); sweep: batch-1 qmatmul launch configs (SWEEP_WIDTHS, SWEEP_SHAPES,
-#   SWEEP_ARGS); prefillgemm: prefill-sized matmuls. qtests takes QTEST_K (a pytest -k) and QTEST_TIMEOUT.
+#   SWEEP_ARGS); prefillgemm: prefill-sized matmuls; overlap: prefill matmuls with the dequant kernel on a
+#   second stream (scripts/bench_prefill_overlap.py, OVERLAP_ARGS); ember70b: bench70b without ExLlamaV2
+#   (B70_BPW: the widths, default "4.0 2.5"). qtests takes QTEST_K (a pytest -k) and QTEST_TIMEOUT.
 #   (`core` and `noqm` are accepted for the commands of earlier rounds: core = without full, noqm = no table;
 #   nogptq: bench8b without ember's run of the GPTQ folder.)
 #
@@ -175,6 +177,10 @@ if has sweep; then
   python3 scripts/sweep_qmatmul.py --widths ${SWEEP_WIDTHS:-4} --shapes ${SWEEP_SHAPES:-4096x6144,4096x4096,14336x4096} \
     ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/sweep.txt" | tail -12
 fi
+if has overlap; then  # prefill matmuls: dequantize the next weight on a second stream beside cuBLAS
+  log "prefill matmuls: serial dequant + cuBLAS vs dequantize-ahead on a second stream"
+  python3 scripts/bench_prefill_overlap.py ${OVERLAP_ARGS:-} 2>&1 | tee "$OUT/prefill_overlap.txt" | tail -40
+fi
 if has prefillgemm; then
   log "prefill-sized matmuls: dequant + cuBLAS vs the fused dequant-GEMM"
   python3 scripts/sweep_prefill_gemm.py ${PREFILL_SWEEP_ARGS:-} 2>&1 | tee "$OUT/sweep_prefill.txt" | grep -v skip | tail -12
@@ -184,9 +190,11 @@ if has gptq8b; then  # ember on the very GPTQ checkpoint ExLlamaV2 runs
   log "ember llama3-8b GPTQ folder"
   bench --model /tmp/l3gptq --prompt-len 512 --gen-len 128
 fi
-if has bench70b; then
+if has bench70b || has ember70b; then
   log "ember llama2-70b"
-  for bpw in 4.0 2.5; do bench --synthetic llama2-70b --bpw $bpw --head-bits 8 --prompt-len 512 --gen-len 64; done
+  for bpw in ${B70_BPW:-4.0 2.5}; do bench --synthetic llama2-70b --bpw $bpw --head-bits 8 --prompt-len 512 --gen-len 64; done
+fi
+if has bench70b; then
   rm -rf /tmp/l3gptq; python3 bench/baselines/make_gptq_random.py llama2-70b /tmp/l70gptq
   wait $BUILD; log "exllamav2 llama2-70b GPTQ"
   python3 bench/baselines/bench_exl2.py /tmp/l70gptq 512 64 2>&1 | grep -E "exl2" | tee "$OUT/exl2_70b.txt"

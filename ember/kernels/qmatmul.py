@@ -268,16 +268,22 @@ def rotate(x2: torch.Tensor, h: int) -> torch.Tensor:
     return out
 
 
-def dequantize_permuted(qt: QuantizedTensor, plan: QMatmulPlan, dtype: torch.dtype) -> torch.Tensor:
-    """(K, N) weight in permuted input order (rotation not undone), by the Triton dequant kernel."""
-    N, bn = qt.out_features, 64
-    w = torch.empty((qt.in_features, N), dtype=dtype, device=qt.qweight.device)
+def dequantize_permuted(qt: QuantizedTensor, plan: QMatmulPlan, dtype: torch.dtype, out: torch.Tensor | None = None,
+                        programs: int | None = None, pdl_on: bool = True, bn: int = 64,
+                        warps: int = 4) -> torch.Tensor:
+    """(K, N) weight in permuted input order (rotation not undone), by the Triton dequant kernel; into `out`
+    (contiguous, at least K * N elements) when given. `programs` caps the grid (persistent programs) of
+    `warps` warps over `bn` columns each."""
+    K, N = qt.in_features, qt.out_features
+    w = torch.empty((K, N), dtype=dtype, device=qt.qweight.device) if out is None else out.view(-1)[:K * N].view(K, N)
+    nb = triton.cdiv(N, bn)
     for bits, meta in plan.dequant_meta.items():
         p = PLANES[bits]
-        dequant_kernel[(triton.cdiv(N, bn), meta.shape[0])](
-            qt.qweight, qt.scales, qt.qweight if qt.qzeros is None else qt.qzeros, meta, w, N, BN=bn,
-            P1=p[0], P2=p[1] if len(p) > 1 else 0, HAS_ZEROS=qt.qzeros is not None, num_warps=4,
-            **pdl.launch_kwargs(w.device))
+        total = nb * meta.shape[0]
+        dequant_kernel[(min(total, programs or total),)](
+            qt.qweight, qt.scales, qt.qweight if qt.qzeros is None else qt.qzeros, meta, w, N, nb, total, BN=bn,
+            P1=p[0], P2=p[1] if len(p) > 1 else 0, HAS_ZEROS=qt.qzeros is not None, num_warps=warps,
+            **(pdl.launch_kwargs(w.device) if pdl_on else {"PDL": 0}))
     return w
 
 

@@ -391,30 +391,34 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
 
 
 @triton.jit
-def dequant_kernel(q_ptr, s_ptr, z_ptr, meta_ptr, w_ptr, N, BN: tl.constexpr, P1: tl.constexpr,
+def dequant_kernel(q_ptr, s_ptr, z_ptr, meta_ptr, w_ptr, N, NB, TOTAL, BN: tl.constexpr, P1: tl.constexpr,
                    P2: tl.constexpr, HAS_ZEROS: tl.constexpr, PDL: tl.constexpr):
     """w (K, N) in permuted input order = (q - z) * s for the splits of one width (P1 + P2 bits).
-    Used for many rows, followed by cuBLAS. w may reuse memory an earlier kernel still reads: wait first."""
+    Used for many rows, followed by cuBLAS. w may reuse memory an earlier kernel still reads: wait first.
+    Work item i of TOTAL = splits x NB column blocks is (split i // NB, block i % NB); program p does items
+    p, p + programs, ...: one each on a full grid, or a few persistent programs that leave the other SMs
+    to a GEMM running beside it (the prefill's dequantize-ahead)."""
     pdl.launch_dependents(PDL)
     pdl.wait(PDL)
-    pid_n, pid_s = tl.program_id(0), tl.program_id(1)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    n_mask = offs_n < N
-    meta = meta_ptr + pid_s * 8
-    k0, nt, g = tl.load(meta), tl.load(meta + 1), tl.load(meta + 3)
-    q1row, q2row, srow, kk0 = tl.load(meta + 4), tl.load(meta + 5), tl.load(meta + 6), tl.load(meta + 7)
     Z0: tl.constexpr = 1 << (P1 + P2 - 1)
     offs64 = tl.arange(0, 64)
-    for t in range(nt):
-        f = _codes64(q_ptr, t, q1row, q2row, offs_n, n_mask, N, BN, P1, P2)  # (64, BN)
-        ptr2 = (srow + (kk0 + t * 64 + offs64) // g)[:, None] * N + offs_n[None, :]  # scale row per input
-        s = tl.load(s_ptr + ptr2, mask=n_mask[None, :], other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            c = tl.load(z_ptr + ptr2, mask=n_mask[None, :], other=0).to(tl.float32) + MAGIC
-        else:
-            c = MAGIC + Z0
-        dst = w_ptr + (k0 + t * 64 + offs64)[:, None] * N + offs_n[None, :]
-        tl.store(dst, ((f - c) * s).to(w_ptr.dtype.element_ty), mask=n_mask[None, :])
+    for i in range(tl.program_id(0), TOTAL, tl.num_programs(0)):
+        pid_n, pid_s = i % NB, i // NB
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_mask = offs_n < N
+        meta = meta_ptr + pid_s * 8
+        k0, nt, g = tl.load(meta), tl.load(meta + 1), tl.load(meta + 3)
+        q1row, q2row, srow, kk0 = tl.load(meta + 4), tl.load(meta + 5), tl.load(meta + 6), tl.load(meta + 7)
+        for t in range(nt):
+            f = _codes64(q_ptr, t, q1row, q2row, offs_n, n_mask, N, BN, P1, P2)  # (64, BN)
+            ptr2 = (srow + (kk0 + t * 64 + offs64) // g)[:, None] * N + offs_n[None, :]  # scale row per input
+            s = tl.load(s_ptr + ptr2, mask=n_mask[None, :], other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                c = tl.load(z_ptr + ptr2, mask=n_mask[None, :], other=0).to(tl.float32) + MAGIC
+            else:
+                c = MAGIC + Z0
+            dst = w_ptr + (k0 + t * 64 + offs64)[:, None] * N + offs_n[None, :]
+            tl.store(dst, ((f - c) * s).to(w_ptr.dtype.element_ty), mask=n_mask[None, :])
 
 
 @triton.jit

@@ -169,6 +169,24 @@ def test_fused_epilogue_fallbacks(case):
         check_epilogue(make_qt([(64, 5, 64)], 48, bias=True), 1, torch.float16, "resid", fused=False)
 
 
+@pytest.mark.parametrize("programs,cfg", [(None, {}), (3, {}), (3, {"bn": 128, "warps": 8})],
+                         ids=["grid", "persistent3", "persistent3_bn128"])
+def test_dequantize_permuted_every_width(programs, cfg):
+    """The dequant kernel of the many-row path (every width, zeros, a permutation, a ragged last column
+    block), on a full grid and with 3 persistent programs striding over the work items, into a larger
+    poisoned buffer: exactly (q - z) * s in permuted input order, nothing else written."""
+    from ember.kernels.qmatmul import dequantize_permuted
+
+    qt = make_qt(MIXED + [(640, 4, 64)], 200, asym=True, use_perm=True, seed=5)  # 4 column blocks, 3 splits
+    K, N = qt.in_features, qt.out_features
+    buf = torch.full((K * N + 7,), float("nan"), dtype=torch.float16, device=DEV)
+    w = dequantize_permuted(qt, make_plan(qt), torch.float16, out=buf, programs=programs, **cfg)
+    ref = dequantize(qt).to(DEV).T[qt.perm.long()]  # (K, N), row k = input perm[k]
+    assert w.shape == (K, N) and w.data_ptr() == buf.data_ptr()
+    assert torch.equal(w.float(), ref.half().float())
+    assert buf[K * N:].isnan().all()
+
+
 @pytest.mark.parametrize("h", [16, 64])
 def test_rotate_kernel_matches_block_hadamard(h):
     x = torch.randn(3, 4 * h, device=DEV).half()
