@@ -23,8 +23,9 @@
 #   (scripts/profile_decode.py); gprofile: the graph-replayed step's kernel timeline (scripts/profile_graph.py),
 #   once per PROFILE_ARMS entry (VAR=value[,VAR=value]); sweep: batch-1 qmatmul launch configs (SWEEP_WIDTHS, SWEEP_SHAPES,
 #   SWEEP_ARGS); prefillgemm: prefill-sized matmuls; overlap: prefill matmuls with the dequant kernel on a
-#   second stream (scripts/bench_prefill_overlap.py, OVERLAP_ARGS); ember70b: bench70b without ExLlamaV2
-#   (B70_BPW: the widths, default "4.0 2.5"). qtests takes QTEST_K (a pytest -k) and QTEST_TIMEOUT.
+#   second stream (scripts/bench_prefill_overlap.py, OVERLAP_ARGS, once per OVERLAP_ENVS entry);
+#   ember70b: bench70b without ExLlamaV2 (B70_BPW: the widths, default "4.0 2.5").
+#   qtests takes QTEST_K (a pytest -k) and QTEST_TIMEOUT.
 #   (`core` and `noqm` are accepted for the commands of earlier rounds: core = without full, noqm = no table;
 #   nogptq: bench8b without ember's run of the GPTQ folder.)
 #
@@ -179,7 +180,11 @@ if has sweep; then
 fi
 if has overlap; then  # prefill matmuls: dequantize the next weight on a second stream beside cuBLAS
   log "prefill matmuls: serial dequant + cuBLAS vs dequantize-ahead on a second stream"
-  python3 scripts/bench_prefill_overlap.py ${OVERLAP_ARGS:-} 2>&1 | tee "$OUT/prefill_overlap.txt" | tail -40
+  for arm in ${OVERLAP_ENVS:-default}; do  # each run's environment, VAR=value[,VAR=value]
+    e=; [ "$arm" = default ] || e=${arm//,/ }
+    env $e python3 scripts/bench_prefill_overlap.py ${OVERLAP_ARGS:-} 2>&1 | grep -v Warning | sed "s|^|$arm |" \
+      | tee -a "$OUT/prefill_overlap.txt" | tail -40
+  done
 fi
 if has prefillgemm; then
   log "prefill-sized matmuls: dequant + cuBLAS vs the fused dequant-GEMM"

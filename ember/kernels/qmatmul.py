@@ -74,16 +74,23 @@ DEFAULTS = {"gemv": (512, 4, 1, 8), "small": (64, 4, 2, 4), "large": (64, 4, 2, 
 # lose from it (call G1), so they keep the default. EMBER_GEMV_WIDE_STAGES overrides it (1 = off).
 WIDE_N = 16384
 WIDE_STAGES = 3
-# Per-shape entries from the H100 sweep with the packed-half decode (scripts/sweep_qmatmul.py, call 4 in
-# docs/benchmarks.md) where the best config beat the default by more than 2%.
+# Per-shape entries from the H100 sweeps with the packed-half decode (scripts/sweep_qmatmul.py) where the best
+# config beat the default by more than 2%: 2 and 4 bits from call 4 (third session), 3 bits from call K3
+# (eighth session, the one-plane 3-bit format and PDL mode 2; the 4-bit entries were still the best there).
+# The 3-bit entries took the 8B decode at 3.125 bpw from 484.4 to 519.4 tok/s (K4), past 4.125 bpw (508.1).
 TUNED: dict[tuple[int, int, int, str], tuple[int, ...]] = {
     (4096, 6144, 2, "gemv"): (1024, 8, 1, 8),  # 5.7 us (default 6.3)
     (4096, 4096, 2, "gemv"): (1024, 8, 1, 4),  # 5.4 (5.8)
     (4096, 28672, 2, "gemv"): (256, 1, 1, 16),  # 18.9 (19.7)
-    (4096, 6144, 3, "gemv"): (128, 1, 1, 8),  # 8.8 (9.7)
+    (4096, 6144, 3, "gemv"): (1024, 8, 1, 16),  # 6.28 (the two-plane format's entry, 128/1/1/8: 8.87)
+    (4096, 4096, 3, "gemv"): (1024, 8, 1, 2),  # 5.63 (5.88)
+    (4096, 28672, 3, "gemv"): (512, 4, 1, 16),  # 23.49 (25.35 pipelined 3 deep)
+    (14336, 4096, 3, "gemv"): (512, 4, 1, 16),  # 13.83 (14.31)
     (4096, 6144, 4, "gemv"): (128, 2, 1, 16),  # 7.2 (8.4)
     (14336, 4096, 4, "gemv"): (256, 2, 1, 8),  # 13.4 (14.4)
 }
+# Not kept: 8-bit gate/up and down at (128, 2, 1, 8) were faster alone (46.68 / 24.10 us against 49.82 / 27.75,
+# K3) but the 8.125 bpw decode fell from 284.1 to 259.9 tok/s with them (K4).
 
 
 def _interpreting() -> bool:

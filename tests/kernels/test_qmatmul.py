@@ -169,9 +169,10 @@ def test_fused_epilogue_fallbacks(case):
         check_epilogue(make_qt([(64, 5, 64)], 48, bias=True), 1, torch.float16, "resid", fused=False)
 
 
-@pytest.mark.parametrize("programs,cfg", [(None, {}), (3, {}), (3, {"bn": 128, "warps": 8})],
-                         ids=["grid", "persistent3", "persistent3_bn128"])
-def test_dequantize_permuted_every_width(programs, cfg):
+@pytest.mark.parametrize("programs,cfg,dtype", [
+    (None, {}, torch.float16), (3, {}, torch.float16), (3, {"bn": 128, "warps": 8}, torch.float16),
+    (None, {}, torch.bfloat16)], ids=["grid", "persistent3", "persistent3_bn128", "bf16"])
+def test_dequantize_permuted_every_width(programs, cfg, dtype):
     """The dequant kernel of the many-row path (every width, zeros, a permutation, a ragged last column
     block), on a full grid and with 3 persistent programs striding over the work items, into a larger
     poisoned buffer: exactly (q - z) * s in permuted input order, nothing else written."""
@@ -179,12 +180,24 @@ def test_dequantize_permuted_every_width(programs, cfg):
 
     qt = make_qt(MIXED + [(640, 4, 64)], 200, asym=True, use_perm=True, seed=5)  # 4 column blocks, 3 splits
     K, N = qt.in_features, qt.out_features
-    buf = torch.full((K * N + 7,), float("nan"), dtype=torch.float16, device=DEV)
-    w = dequantize_permuted(qt, make_plan(qt), torch.float16, out=buf, programs=programs, **cfg)
+    buf = torch.full((K * N + 7,), float("nan"), dtype=dtype, device=DEV)
+    w = dequantize_permuted(qt, make_plan(qt), dtype, out=buf, programs=programs, **cfg)
     ref = dequantize(qt).to(DEV).T[qt.perm.long()]  # (K, N), row k = input perm[k]
     assert w.shape == (K, N) and w.data_ptr() == buf.data_ptr()
-    assert torch.equal(w.float(), ref.half().float())
+    same(w, ref)
     assert buf[K * N:].isnan().all()
+
+    sym = make_qt([(128, 4, 64), (64, 2, 32), (64, 8, 64)], 72, seed=6)  # symmetric: the constant zero point
+    same(dequantize_permuted(sym, make_plan(sym), dtype, programs=programs, **cfg), dequantize(sym).to(DEV).T)
+
+
+def same(w, ref):
+    """fp16: the same bits as the fp32 reference cast; bf16: within one unit in the last place (the
+    interpreter's fp32 -> bf16 cast truncates, the GPU's rounds)."""
+    if w.dtype == torch.float16:
+        assert torch.equal(w.float(), ref.half().float())
+    else:
+        assert ((w.float() - ref).abs() <= ref.abs() * 2.0 ** -7).all()
 
 
 @pytest.mark.parametrize("h", [16, 64])
