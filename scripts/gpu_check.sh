@@ -2,7 +2,7 @@
 # The one command run on the GPU machine (device tool): GPU tests + benchmarks, results under $OUT.
 #
 #   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [stages] [stagetable] [base] [ab] [async] [bench8b] [quick] [full] [exl2]
-#                        [attn] [gptq8b] [bench70b] [ember70b] [bpw] [pdl] [profile] [gprofile] [sweep] [prefillgemm] [overlap] [tests]
+#                        [attn] [gptq8b] [bench70b] [ember70b] [bpw] [batch] [pdl] [profile] [gprofile] [sweep] [prefillgemm] [overlap] [tests]
 #   (default: tests bench8b exl2). Run it under `timeout N` to fit a device call: timeout signals the whole
 #   process group, and on TERM the script stops what it started and still packs $OUT for the return trip.
 # smoke: the engine / model / attention GPU tests first; qtests: the one-row, mixed-width and epilogue
@@ -15,7 +15,8 @@
 #   of a kernel change). ab: one 8B decode row per AB_ARMS entry (VAR=value[,VAR=value], at AB_BPW).
 # bench8b: copy bandwidth and the 8B runs the acceptance names (4.0 bpw at 512 and 2048 tokens, the GPTQ
 #   folder ExLlamaV2 runs); quick: the batch-1 qmatmul table (--quick; qtable: the whole table);
-#   full: also a 6- and a 16-bit head, 2.5-6.0 bpw, the GPTQ folder at 2048, batch 8 and 32, the profile.
+#   full: also a 6- and a 16-bit head, 2.5-6.0 bpw, the GPTQ folder at 2048, batch 8 and 32, the profile;
+#   batch: only the batch 8 and 32 rows.
 #   exl2: ExLlamaV2 on the same GPTQ folder, right after ember's 8B runs (its extension builds in the
 #   background from the start; its batch-1 loop is CPU-bound, so nothing else runs beside it).
 # attn: batch-1 decode attention configs and the rope-fused op against rope_store_kv + attention; bpw: 2.5 / 3.0 / 5.0 / 6.0 bpw and 4.0 with a 6-bit head;
@@ -157,6 +158,10 @@ if has bench8b && has full; then
   bench --model /tmp/l3gptq --prompt-len 2048 --gen-len 128
   for b in 8 32; do bench --synthetic llama3-8b --bpw 4.0 --batch $b --prompt-len 512 --gen-len 64; done
   log "profile"; python3 scripts/profile_decode.py llama3-8b 4.0 > "$OUT/profile.txt" 2>&1; tail -34 "$OUT/profile.txt"
+fi
+if has batch; then  # batched decode (several sequences a step)
+  log "ember llama3-8b, batch 8 and 32"
+  for b in 8 32; do bench --synthetic llama3-8b --bpw 4.0 --batch $b --prompt-len 512 --gen-len 64; done
 fi
 if has pdl; then
   log "PDL modes (EMBER_PDL=0 off, 1 wait at start, 2 first weight tile before the wait)"
