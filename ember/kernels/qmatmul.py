@@ -176,15 +176,20 @@ def _workspace(device: torch.device, numel: int, counters: int) -> tuple[torch.T
 ONE_PLANE = (1 << 2, 1 << 3, 1 << 4, 1 << 8)  # `widths` of a matrix of one width stored in one bit plane
 
 
-def _pdl_kwargs(plan: QMatmulPlan, device: torch.device) -> dict:
-    """PDL mode 2 (first weight tile loaded before the wait) for every matrix. It duplicates the tile code:
-    with format version 1 that made ptxas take 30 s for a two-plane 3-bit kernel and 166 s for a mixed-width
-    one (offline, sm_90), so until the seventh round only one-plane, one-width matrices (2, 3, 4, 8 bits) used
-    it. Since the 3-bit plane (format version 2), Triton 3.6 compiles the 5- and 6-bit kernels in 3 s, any two
-    adjacent widths in 3.4-6 s and all six widths in one matrix in 12.5 s (scripts/sass_check.py, offline).
-    EMBER_PDL_ALL=0 restores the old rule (the others wait at the start, mode 1) for A/B runs."""
+def _pdl_kwargs(plan: QMatmulPlan, device: torch.device, h2: int) -> dict:
+    """PDL mode 2 (first weight tile loaded before the wait) for every matrix but one: the fp32 decode (bf16
+    activations, or the tl.dot rows; h2 == 0) of more than two widths waits at the start (mode 1). Mode 2
+    duplicates the tile code. With format version 1 that made ptxas take 30 s for a two-plane 3-bit kernel
+    and 166 s for a mixed-width one (offline, sm_90), so until the seventh round only one-plane, one-width
+    matrices (2, 3, 4, 8 bits) used it. Since the 3-bit plane (format version 2), Triton 3.6 compiles the
+    packed-half kernels in 3-12.5 s, all six widths in one matrix included, and the fp32 decode of one or two
+    widths in 3-9.5 s. Three widths on the fp32 decode took 27 s and six 56 s offline (against 4.7 and 8 s
+    in mode 1), and ~290 s on the device with 8 test workers sharing its CPU (call K7); no benchmark runs
+    that case. EMBER_PDL_ALL=0 restores the old rule (mode 2 for one-plane, one-width matrices only) for A/B
+    runs."""
     kw = pdl.launch_kwargs(device)
-    if kw["PDL"] == 2 and plan.widths not in ONE_PLANE and not _pdl_all():
+    many_fp32 = h2 == 0 and plan.widths.bit_count() > 2
+    if kw["PDL"] == 2 and plan.widths not in ONE_PLANE and (many_fp32 or not _pdl_all()):
         kw["PDL"] = 1
     return kw
 
@@ -249,6 +254,7 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int,
     norm_in = epi is not None and epi.rms_in is not None
     resid = epi is not None and epi.residual is not None
     res = epi.residual if resid else out2
+    h2 = 0 if use_dot else _h2_mode(x2)
     qmatmul_kernel[grid](
         x2, qt.qweight, qt.scales, dummy if qt.qzeros is None else qt.qzeros,
         dummy if qt.perm is None else qt.perm, launch.meta, out2, buf, buf.view(torch.int32), cnt, M, N, x2.stride(0),
@@ -256,11 +262,11 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int,
         res, res.stride(0), epi.gamma if resid else buf, epi.rms_out if resid else buf,
         BM=block_m, BN=launch.block_n, WIDTHS=plan.widths, USE_DOT=use_dot, HAS_ZEROS=qt.qzeros is not None,
         HAS_PERM=qt.perm is not None, HAS_G32=plan.has_g32, ATOMIC=atomic, DOT_DT=dot_dt,
-        H2=0 if use_dot else _h2_mode(x2), NORM_IN=norm_in, RESID=resid, GLU=glu,
+        H2=h2, NORM_IN=norm_in, RESID=resid, GLU=glu,
         STAGES=1 if use_dot else launch.num_stages, EVEN_N=_even_n(launch, N, glu),
         EPI_EARLY=atomic and (norm_in or resid) and _epi_early(), num_warps=launch.num_warps,
         num_stages=launch.num_stages,
-        **_pdl_kwargs(plan, x2.device))
+        **_pdl_kwargs(plan, x2.device, h2))
 
 
 def rotate(x2: torch.Tensor, h: int) -> torch.Tensor:

@@ -357,6 +357,22 @@ def test_gemv_switches_for_ab_runs(monkeypatch):
     assert launch(4096, 512).splits == 2
 
 
+def test_pdl_mode_rule(monkeypatch):
+    """Mode 2 everywhere except the fp32 decode (bf16 activations, tl.dot rows) of more than two widths,
+    whose duplicated tile took ptxas minutes on the device (qmatmul._pdl_kwargs); EMBER_PDL_ALL=0 keeps
+    mode 2 for one-plane, one-width matrices only."""
+    from types import SimpleNamespace
+
+    from ember.kernels import pdl
+    from ember.kernels.qmatmul import _pdl_kwargs
+
+    monkeypatch.setattr(pdl, "launch_kwargs", lambda device: {"launch_pdl": True, "PDL": 2})
+    mode = lambda widths, h2: _pdl_kwargs(SimpleNamespace(widths=sum(1 << b for b in widths)), None, h2)["PDL"]  # noqa: E731
+    assert [mode([4], 0), mode([5], 0), mode([4, 3], 0), mode([5, 4, 3], 0), mode([5, 4, 3], 2)] == [2, 2, 2, 1, 2]
+    monkeypatch.setenv("EMBER_PDL_ALL", "0")
+    assert [mode([4], 0), mode([5], 2), mode([4, 3], 2)] == [2, 1, 1]
+
+
 @pytest.mark.parametrize("spec", [[(128, 4, 64)], [(192, 5, 64)], [(128, 3, 64), (64, 2, 64)],
                                   [(64, 6, 64), (128, 3, 32), (64, 8, 64)]], ids=["4", "5", "3+2", "6+3+8"])
 @pytest.mark.parametrize("tiles", [1, 2])
