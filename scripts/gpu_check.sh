@@ -69,11 +69,12 @@ bench() {  # ember bench ... -> one JSON line appended to bench.jsonl
 ab8b() {  # ab8b TAG FILE [VAR=value ...]: the 8B decode row of an A/B arm, prefixed with TAG, into $OUT/FILE
   local tag=$1 file=$2; shift 2
   env "$@" python3 -m ember.cli bench --json -q --synthetic llama3-8b --bpw ${AB_BPW:-4.0} --head-bits 8 \
-    --prompt-len 512 --gen-len 128 ${AB_SEQ:+--max-seq-len $AB_SEQ} 2>>"$OUT/bench_err.log" | tail -1 \
+    --prompt-len 512 --gen-len ${AB_GEN:-128} ${AB_SEQ:+--max-seq-len $AB_SEQ} ${AB_BATCH:+--batch $AB_BATCH} \
+    2>>"$OUT/bench_err.log" | tail -1 \
     | sed "s|^|$tag |" | tee -a "$OUT/$file"
 }
 abarms() {  # abarms FILE ARM...: ab8b of each arm, VAR=value[,VAR=value] (a BPW=b entry sets the arm's bpw,
-  # SEQ=n its --max-seq-len)
+  # SEQ=n its --max-seq-len; AB_BATCH / AB_GEN, when set, every arm's --batch / --gen-len)
   local file=$1 arm b q; shift
   for arm in "$@"; do
     b=$(sed -n 's/.*BPW=\([0-9.]*\).*/\1/p' <<< "$arm")

@@ -17,6 +17,7 @@ Under TRITON_INTERPRET=1 the same kernels run on CPU tensors (tests), with fp32 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -127,6 +128,8 @@ def _launch(segments, K: int, N: int, mode: str, device: torch.device, tiles: in
             stages = int(os.environ.get("EMBER_GEMV_WIDE_STAGES") or WIDE_STAGES)
         stages = int(os.environ.get("EMBER_GEMV_STAGES") or stages)
         per_sm = int(os.environ.get("EMBER_GEMV_PER_SM") or per_sm)
+    if mode == "small" and config is None and os.environ.get("EMBER_SMALL_CFG"):  # A/B: "bn/warps/stages/per_sm"
+        bn, warps, stages, per_sm = (int(v) for v in re.split(r"[/,]", os.environ["EMBER_SMALL_CFG"]))
     if tiles is None:  # enough programs to fill the GPU: col blocks * splits ~ per_sm * SMs
         col_blocks = triton.cdiv(N, bn)
         want = max(1, per_sm * _sm_count(device) // col_blocks)
