@@ -69,7 +69,10 @@ class QMatmulPlan:
 # one-row loop (qmatmul_kernels._loop_fma; 1 = none: in call G1 the best time per shape was the same at 1 and 3,
 # and the small matrices were slower at 3, docs/dev/qmatmul-notes.md). EMBER_GEMV_STAGES / _PER_SM /
 # _WIDE_STAGES override them for A/B runs.
-DEFAULTS = {"gemv": (512, 4, 1, 8), "small": (64, 4, 2, 4), "large": (64, 4, 2, 2)}
+# small (2-32 rows, tl.dot): 128 columns, 4 warps, 3 stages, 8 programs per SM from the eighth session's sweep at
+# 8 rows (call K9): the layer's four matmuls 183.6 -> 119.9 us, the 8B decode at batch 8 1174 -> 1847 tok/s
+# (was 64, 4, 2, 4; EMBER_SMALL_CFG=64/4/2/4 restores it).
+DEFAULTS = {"gemv": (512, 4, 1, 8), "small": (128, 4, 3, 8), "large": (64, 4, 2, 2)}
 # Wide outputs (gate/up, the head) are pipelined WIDE_STAGES deep when they have no TUNED entry: 8B decode
 # 454.8 / 454.0 tok/s against 430.2 / 429.3 unpipelined (call H1, docs/benchmarks.md); the small matrices
 # lose from it (call G1), so they keep the default. EMBER_GEMV_WIDE_STAGES overrides it (1 = off).
