@@ -79,7 +79,8 @@ def _switches() -> dict:
                 ember_attn_early=int(early_enabled()), ember_attn_min_split=MIN_SPLIT_TOKENS,
                 ember_attn_merge_scale=EARLY_MERGE_SCALE, ember_epi_early=int(_epi_early()),
                 ember_step_kernels=int(step_kernels()), ember_tuned=int(_use_tuned()),
-                ember_pdl_all=int(_pdl_all()))
+                ember_pdl_all=int(_pdl_all()),
+                ember_small_cfg=env("EMBER_SMALL_CFG") or "/".join(map(str, DEFAULTS["small"])))
 
 
 def format_row(r: dict) -> str:
