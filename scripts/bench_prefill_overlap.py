@@ -14,12 +14,11 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 
 import torch
 
 from ember.kernels.qmatmul import dequantize_permuted, make_plan
-from scripts.bench_qmatmul import random_qt
+from scripts.bench_qmatmul import graph_time, random_qt
 
 LAYER = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # qkv, o, gate_up, down (K, N)
 
@@ -81,28 +80,6 @@ def arm_fn(kind, work, buf, programs, side, ev_deq, ev_mm, dense, cfg):
     raise SystemExit(f"unknown arm kind {kind}")
 
 
-def timed(fn, reps: int = 7) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default="512,2048")
@@ -138,7 +115,8 @@ def main() -> None:
             programs = int(progs) or None
             carveout = None if carve == "-" else int(carve)
             with blas(lt == "1", carveout):
-                ms = timed(arm_fn(kind, work, buf, programs, side, ev_deq, ev_mm, dense, cfg)) / a.layers
+                fn = arm_fn(kind, work, buf, programs, side, ev_deq, ev_mm, dense, cfg)
+                ms = graph_time([fn], reps=7) * 1e3 / a.layers  # one graph of the whole arm; seconds a replay
             if kind in ("serial", "overlap"):
                 got = torch.cat([o.float().flatten()[:4096] for o in outs[-1]])
                 ref = got if ref is None else ref

@@ -157,10 +157,9 @@ if has bench8b && has full; then
   for hb in 6 16; do bench --synthetic llama3-8b --bpw 4.0 --head-bits $hb --prompt-len 512 --gen-len 128; done
   for bpw in 2.5 3.0 5.0 6.0; do bench --synthetic llama3-8b --bpw $bpw --head-bits 8 --prompt-len 512 --gen-len 128; done
   bench --model /tmp/l3gptq --prompt-len 2048 --gen-len 128
-  for b in 8 32; do bench --synthetic llama3-8b --bpw 4.0 --batch $b --prompt-len 512 --gen-len 64; done
   log "profile"; python3 scripts/profile_decode.py llama3-8b 4.0 > "$OUT/profile.txt" 2>&1; tail -34 "$OUT/profile.txt"
 fi
-if has batch; then  # batched decode (several sequences a step)
+if has batch || (has bench8b && has full); then  # batched decode (several sequences a step)
   log "ember llama3-8b, batch 8 and 32"
   for b in 8 32; do bench --synthetic llama3-8b --bpw 4.0 --batch $b --prompt-len 512 --gen-len 64; done
 fi
