@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ember.kernels import pdl
 from ember.kernels.epilogue import Epilogue
+from ember.kernels.qmatmul_fp8 import Fp8Plan, fp8_plan, qmatmul_fp8
 from ember.kernels.qmatmul_kernels import dequant_kernel, hadamard_kernel, qmatmul_kernel
 from ember.quant.format import PLANES, QuantizedTensor
 from ember.quant.hadamard import block_hadamard, hadamard_matrix
@@ -59,6 +60,7 @@ class QMatmulPlan:
     large_mode: str  # "auto", "dequant" or "dot", for M > SMALL_ROWS
     workspace: tuple[torch.Tensor, torch.Tensor]  # split-K sums (fp32) and counters, kept zero
     dequant_meta: dict[int, torch.Tensor] = field(default_factory=dict)  # bits -> meta of that width
+    fp8: Fp8Plan | None = None  # set: the dequantize + cuBLAS rows run on fp8 tensor cores (qmatmul_fp8.py)
 
 
 # (mode) -> (block_n, num_warps, num_stages, target programs per SM[, block_m for "large"]); per-shape
@@ -142,9 +144,10 @@ def _launch(segments, K: int, N: int, mode: str, device: torch.device, tiles: in
 
 def make_plan(qt: QuantizedTensor, tiles_per_split: int | None = None,
               configs: dict[str, tuple[int, ...]] | None = None,
-              large_mode: str = LARGE_MODE) -> QMatmulPlan:
+              large_mode: str = LARGE_MODE, fp8: bool = False) -> QMatmulPlan:
     """Precompute the launch metadata for qt (on qt's device). `tiles_per_split` overrides the split
-    heuristic; `configs` {mode: (block_n, num_warps, num_stages, programs per SM)} the tuned table."""
+    heuristic; `configs` {mode: (block_n, num_warps, num_stages, programs per SM)} the tuned table; `fp8`
+    asks for the FP8 many-row path (taken where the matrix and the GPU allow it: qmatmul_fp8.fp8_reason)."""
     device = qt.qweight.device
     segs = qt.segments.cpu().tolist()
     K, N = qt.in_features, qt.out_features
@@ -160,7 +163,8 @@ def make_plan(qt: QuantizedTensor, tiles_per_split: int | None = None,
     ws = _workspace(device, SMALL_ROWS * N, blocks)
     if qt.had:
         hadamard_matrix(qt.had, torch.float32, device)  # cached now, not during a graph capture
-    return QMatmulPlan(modes, widths, any(s[3] == 32 for s in segs), large_mode, ws, deq)
+    return QMatmulPlan(modes, widths, any(s[3] == 32 for s in segs), large_mode, ws, deq,
+                       fp8_plan(qt, deq) if fp8 else None)
 
 
 # Split-K workspace per device: fp32 sums and per-block counters, all zero between launches (the last
@@ -317,6 +321,11 @@ def _pick_launch(plan: QMatmulPlan, M: int) -> tuple[Launch, bool, int] | None:
     return None
 
 
+def takes_fp8(plan: QMatmulPlan, M: int) -> bool:
+    """Whether M rows go through the FP8 path (qmatmul_fp8.py) under this plan."""
+    return plan.fp8 is not None and _pick_launch(plan, M) is None
+
+
 def qmatmul(x: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor | None = None,
             plan: QMatmulPlan | None = None, epi: Epilogue | None = None) -> torch.Tensor:
     """x (..., K) fp16/bf16 -> (..., N) in x's dtype (written into `out` when given); with `epi`, the fused
@@ -339,6 +348,8 @@ def qmatmul(x: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor | None = Non
     if pick is not None:
         launch, use_dot, block_m = pick
         _run_kernel(x2, qt, plan, launch, out2, use_dot, block_m, epi if fused else None)
+    elif plan.fp8 is not None:
+        qmatmul_fp8(x2, qt, plan.fp8, out2)
     else:
         xp = x2[:, qt.perm.long()] if qt.perm is not None else x2
         torch.matmul(xp, dequantize_permuted(qt, plan, x.dtype), out=out2)

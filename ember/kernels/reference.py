@@ -143,3 +143,37 @@ def rope_cos_sin(head_dim: int, max_pos: int, theta: float, scaling=None) -> tor
     t = torch.arange(max_pos, dtype=torch.float64)
     freqs = torch.outer(t, inv_freq)
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1).float()
+
+
+def fp8_quantize_act(x: torch.Tensor, perm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> a8 (M, K) float8_e4m3fn, sa (K/128, M) fp32: each run of 128 inputs (in permuted order
+    when perm is given) divided by its largest magnitude / 448 and rounded to e4m3 (qmatmul_fp8.py)."""
+    M, K = x.shape
+    xp = (x if perm is None else x[:, perm.long()]).float().view(M, K // 128, 128)
+    s = xp.abs().amax(-1).clamp_min(1e-20) / 448.0  # (M, K/128)
+    a8 = (xp / s[..., None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(M, K)
+    return a8, s.T.contiguous()
+
+
+def fp8_codes(qt) -> torch.Tensor:
+    """(N, K) float32 q - z of a quantized tensor in permuted input order (the fp8 path's weight operand)."""
+    from ember.quant.format import group_rows, input_bits, unpack_codes
+
+    q = unpack_codes(qt).float()
+    if qt.qzeros is not None:
+        return q - qt.qzeros.float()[group_rows(qt)].T
+    return q - (2.0 ** (input_bits(qt).to(q.device) - 1)).float()[None, :]
+
+
+def qmatmul_fp8(x: torch.Tensor, qt, rotated: bool = False) -> torch.Tensor:
+    """(M, K) -> (M, N) float32: what the fp8 prefill path computes, x rotated (unless `rotated` says it
+    already is), permuted and rounded to e4m3 per 128 inputs, times the exact weights (q - z) * s."""
+    from ember.quant.format import group_rows
+    from ember.quant.hadamard import block_hadamard
+
+    xr = x if rotated else block_hadamard(x, qt.had)  # in x's dtype, as the kernels see it
+    a8, sa = fp8_quantize_act(xr, qt.perm)
+    a = a8.float() * sa.T.repeat_interleave(128, dim=1)
+    w = fp8_codes(qt) * qt.scales.float()[group_rows(qt)].T
+    y = a @ w.T
+    return y + qt.bias.float() if qt.bias is not None else y
