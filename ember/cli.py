@@ -24,6 +24,9 @@ ENGINE_HELP = {
     "page_size": "tokens per KV-cache page",
     "num_pages": "KV-cache pages to allocate (default: enough for one max_seq_len sequence)",
     "memory_limit_gib": "refuse to load if the estimate exceeds this many GiB (default: the device's free memory)",
+    "fp8_prefill": "run the prompt's quantized matmuls (more than 64 rows) on FP8 tensor cores: H100/H200 only, "
+                   "weights of up to 4 bits stay exact, activations are rounded to 8-bit floats per 128 values "
+                   "(faster prefill, slightly different logits; off by default)",
 }
 
 

@@ -156,6 +156,7 @@ class EngineConfig:
     page_size: int = 64  # tokens per KV-cache page
     num_pages: int | None = None  # None: enough for one sequence of max_seq_len
     memory_limit_gib: float | None = None  # pretend the device has only this much free (tests, shared GPUs)
+    fp8_prefill: bool = False  # many-row matmuls on fp8 tensor cores (Hopper), activations rounded to e4m3
 
     def __post_init__(self):
         if self.page_size <= 0 or self.page_size & (self.page_size - 1):

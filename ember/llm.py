@@ -80,6 +80,8 @@ class LLM:
         self.tokenizer = src.tokenizer()
         self.model = build_model(cfg, src.tensors, self.device, self.dtype, self.max_seq_len, where=str(path),
                                  progress=progress, quant_hook=quant_hook_for(src.format, cfg.quantization))
+        if engine.fp8_prefill:
+            enable_fp8_prefill(self.model, self.device)
         pages = engine.num_pages or -(-self.max_seq_len // engine.page_size)
         self.kv = KVCache(cfg, pages + 1, engine.page_size, self.dtype, self.device)  # +1: decode scratch page
         self.generator = Generator(self.model, self.tokenizer, self.kv, self.max_seq_len, self.device)
@@ -117,3 +119,20 @@ def load(path: str | Path | None = None, device: str | None = None, max_seq_len:
     """Load a model: an HF folder, a GPTQ or ember-quantized folder, or a .gguf file (None: the bundled
     SmolLM2-135M-Instruct). device: "cuda", "cpu" or None (cuda when available)."""
     return LLM(path, EngineConfig(device=device, max_seq_len=max_seq_len, dtype=dtype, **engine))
+
+
+def enable_fp8_prefill(model, device: torch.device) -> None:
+    """EngineConfig.fp8_prefill: switch the quantized linears that allow it to the FP8 many-row path, or say
+    why nothing changes."""
+    from ember.kernels.qmatmul_fp8 import fp8_device_ok
+    from ember.layers.quant_linear import set_fp8_prefill
+
+    if device.type != "cuda" or not fp8_device_ok(device):
+        log.warning("fp8_prefill needs a Hopper GPU (sm_90) and CUDA 12.9+; the prompt runs on the 16-bit path")
+        return
+    able, total = set_fp8_prefill(model, True)
+    if total == 0:
+        log.warning("fp8_prefill applies to quantized models only; this one is 16-bit")
+    else:
+        log.info("fp8 prefill: %d of %d quantized linears (the others need widths <= 4 bits, groups of 128)",
+                 able, total)

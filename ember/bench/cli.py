@@ -38,6 +38,15 @@ def cmd_bench(args) -> int:
         bpw = round(bpw, 3) if bpw == bpw else q.get("bits")
     from ember.bench.speed import measure
 
+    fp8 = None
+    if args.fp8_prefill:
+        from ember.kernels.qmatmul_fp8 import fp8_device_ok
+        from ember.layers.quant_linear import set_fp8_prefill
+
+        if device.type != "cuda" or not fp8_device_ok(device):
+            raise SystemExit("ember bench: --fp8-prefill needs a Hopper GPU (sm_90) and CUDA 12.9+")
+        able, total = set_fp8_prefill(model, True)
+        fp8 = f"{able}/{total}"
     wbytes = stored_weight_bytes(model)
     res = measure(model, device, args.prompt_len, args.gen_len, args.batch, wbytes, reps=args.reps,
                   use_graphs=False if args.no_graphs else None, max_seq_len=args.max_seq_len)
@@ -48,7 +57,8 @@ def cmd_bench(args) -> int:
                prompt_len=args.prompt_len, gen_len=args.gen_len, max_seq_len=args.max_seq_len,
                weight_gib=wbytes / 2**30,
                dtype=str(_activation_dtype(model)).removeprefix("torch."),
-               date=datetime.date.today().isoformat(), **res, **_switches())
+               date=datetime.date.today().isoformat(), **res, **_switches(),
+               fp8_prefill=fp8 or 0)  # "able/total" quantized linears on the fp8 path, or 0
     if args.json:
         print(json.dumps(row))
     else:
@@ -87,8 +97,9 @@ def format_row(r: dict) -> str:
     """The human-readable report of one `measure` row."""
     head = f" ({r['head_bits']}-bit head)" if r.get("head_bits") else ""
     eager = f" (eager {r['prefill_eager_tok_s']:,.0f})" if r.get("prefill_graph") else ""
+    fp8 = f" (fp8 matmuls: {r['fp8_prefill']} linears)" if r.get("fp8_prefill") else ""
     lines = [f"ember bench: {r['model']}, {r['bpw']} bpw{head}, batch {r['batch']}, {r['device']}",
-             f"  prefill  {r['prompt_len']:>5} tok/seq  {r['prefill_tok_s']:>10,.0f} tok/s{eager}",
+             f"  prefill  {r['prompt_len']:>5} tok/seq  {r['prefill_tok_s']:>10,.0f} tok/s{eager}{fp8}",
              f"  decode   {r['gen_len']:>5} tok/seq  {r['decode_tok_s']:>10,.1f} tok/s  "
              f"({r['decode_ms_per_step']:.2f} ms/step)",
              f"  weights  {r['weight_gib']:.2f} GiB" + (f", peak VRAM {r['vram_gib']:.2f} GiB" if r['vram_gib'] else "")]
@@ -119,6 +130,8 @@ def add_cli(sub, common) -> None:
     b.add_argument("--reps", type=int, default=3, help="timed repetitions; the median is reported (default 3)")
     b.add_argument("--device", default=None, help="cuda (default when present) or cpu")
     b.add_argument("--no-graphs", action="store_true", help="decode eagerly instead of through CUDA graphs")
+    b.add_argument("--fp8-prefill", action="store_true",
+                   help="prefill matmuls on FP8 tensor cores (Hopper; activations rounded to e4m3 per 128 values)")
     b.add_argument("--json", action="store_true", help="last stdout line: one JSON object")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     b.set_defaults(func=cmd_bench)

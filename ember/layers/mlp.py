@@ -22,5 +22,13 @@ class MLP(nn.Module):
         if epi_in is not None:
             act = self.gate_up_proj(x, epi_in)  # (T, I)
         else:
-            act = ops.silu_and_mul(self.gate_up_proj(x))  # (T, 2I) -> (T, I)
+            gate_up = self.gate_up_proj(x)  # (T, 2I)
+            down, rows = self.down_proj, gate_up.shape[0]
+            if epi_out is None and getattr(down, "takes_rounded_input", None) and \
+                    down.takes_rounded_input(rows, gate_up.dtype):
+                # FP8 prefill: SiLU-and-multiply writes the down projection's e4m3 input directly
+                from ember.kernels.qmatmul_fp8 import quantize_act
+
+                return down.forward_rounded(*quantize_act(gate_up, down.perm, silu=True), rows, gate_up.dtype)
+            act = ops.silu_and_mul(gate_up)  # (T, 2I) -> (T, I)
         return self.down_proj(act) if epi_out is None else self.down_proj(act, epi_out)  # (T, H)

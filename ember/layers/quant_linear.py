@@ -24,6 +24,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", qt.bias)
         self._dense: dict[torch.dtype, torch.Tensor] = {}  # CPU fallback cache
         self._plan = None  # kernel launch plan (CUDA), built on first use
+        self.fp8_prefill = False  # many-row matmuls on fp8 tensor cores where the matrix allows (set_fp8_prefill)
 
     @property
     def qt(self) -> QuantizedTensor:
@@ -41,7 +42,29 @@ class QuantLinear(nn.Module):
         if self.qweight.is_cuda and self._plan is None:
             from ember.kernels.qmatmul import make_plan
 
-            self._plan = make_plan(self.qt)
+            self._plan = make_plan(self.qt, fp8=self.fp8_prefill)
+
+    def takes_rounded_input(self, rows: int, dtype: torch.dtype) -> bool:
+        """Whether `rows` rows of input would run on the FP8 path, so a producer may hand them over already
+        rounded to e4m3 (forward_rounded): CUDA, 16-bit activations, no input rotation."""
+        if not (self.fp8_prefill and self.qweight.is_cuda and dtype in (torch.float16, torch.bfloat16)
+                and self.had == 0):
+            return False
+        from ember.kernels.qmatmul import takes_fp8
+
+        self.prepare()
+        return takes_fp8(self._plan, rows)
+
+    def forward_rounded(self, a8: torch.Tensor, sa: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """(rows, N) in dtype from input already rounded by qmatmul_fp8.quantize_act: a8 (MP, K) e4m3 in
+        permuted input order, sa (K/128, MP) its scales."""
+        from ember.kernels.qmatmul_fp8 import matmul_rounded
+
+        out = torch.empty((rows, self.out_features), dtype=dtype, device=a8.device)
+        matmul_rounded(a8, sa, rows, self.qt, self._plan.fp8, out)
+        if self.bias is not None:
+            out += self.bias.to(dtype)
+        return out
 
     def forward(self, x: torch.Tensor, epi=None) -> torch.Tensor:
         """x: (..., K) -> (..., N); with epi (kernels/epilogue.py) the fused epilogue's output, x (T, K)."""
@@ -64,3 +87,17 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, had={self.had}"
+
+
+def set_fp8_prefill(model: nn.Module, on: bool) -> tuple[int, int]:
+    """Switch every QuantLinear of model to (or off) the FP8 many-row path (kernels/qmatmul_fp8.py); plans are
+    rebuilt at next use (before any graph capture). Returns (linears that can take it, quantized linears)."""
+    from ember.kernels.qmatmul_fp8 import fp8_reason
+
+    able = total = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            total += 1
+            able += fp8_reason(m.qt) is None
+            m.fp8_prefill, m._plan = on, None
+    return able, total
