@@ -5,6 +5,8 @@ The 8B 512-token prefill spends ~6 of ~19 ms in the dequant kernel (it writes 13
 runs between compute-bound GEMMs. Here the dequant kernel gets `programs` persistent programs (so it holds a
 few SMs, not the whole GPU), optionally with cuBLASLt told to leave that many SMs free
 (torch._C._set_sm_carveout_experimental). Prints ms per decoder layer's four matmuls for each arm.
+The fp8 arms time the FP8 path (kernels/qmatmul_fp8.py): whole (fp8), its weight-code kernel alone (fp8codes),
+its activation rounding alone (fp8act) and cuBLAS's block-scaled GEMMs alone (fp8mm).
 
   PYTHONPATH=. python3 scripts/bench_prefill_overlap.py [--rows 512,2048] [--layers 4] [--width 4]
 """
@@ -17,7 +19,8 @@ import os
 
 import torch
 
-from ember.kernels.qmatmul import dequantize_permuted, make_plan
+from ember.kernels import qmatmul_fp8 as f8
+from ember.kernels.qmatmul import dequantize_permuted, make_plan, qmatmul
 from scripts.bench_qmatmul import graph_time, random_qt
 
 LAYER = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # qkv, o, gate_up, down (K, N)
@@ -67,13 +70,22 @@ def run_overlap(work, buf, programs, side, ev_deq, ev_mm, cfg):
     main.wait_stream(side)
 
 
-def arm_fn(kind, work, buf, programs, side, ev_deq, ev_mm, dense, cfg):
+def arm_fn(kind, work, buf, programs, side, ev_deq, ev_mm, dense, cfg, fp8):
     if kind == "serial":
         return lambda: run_serial(work, buf, programs, cfg)
     if kind == "overlap":
         return lambda: run_overlap(work, buf, programs, side, ev_deq, ev_mm, cfg)
     if kind == "mmonly":  # the GEMMs alone (weights already fp16: 4 distinct ones, reused by every layer)
         return lambda: [torch.mm(x, dense[i % 4], out=o) for i, (x, _, _, o) in enumerate(work)]
+    if kind == "fp8":  # the whole FP8 path, through qmatmul
+        return lambda: [qmatmul(x, q, out=o, plan=fp8["plans"][i]) for i, (x, q, _, o) in enumerate(work)]
+    if kind == "fp8codes":
+        return lambda: [f8.fp8_codes(q, fp8["plans"][i].fp8, **cfg) for i, (_, q, _, _) in enumerate(work)]
+    if kind == "fp8act":
+        return lambda: [f8.quantize_act(x, q.perm) for x, q, _, _ in work]
+    if kind == "fp8mm":  # the GEMMs alone on ready fp8 operands (4 distinct weights, reused by every layer)
+        return lambda: [f8.block_scaled_mm(*fp8["acts"][i % 4], *fp8["codes"][i % 4], torch.float16, out=o)
+                        for i, (_, _, _, o) in enumerate(work)]
     if kind == "deqonly":
         return lambda: [dequantize_permuted(q, p, torch.float16, out=buf[i % 2], programs=programs, pdl_on=False,
                                             **cfg) for i, (_, q, p, _) in enumerate(work)]
@@ -95,6 +107,7 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     qts = [[random_qt(K, N, a.width) for K, N in LAYER] for _ in range(a.layers)]
     plans = [[make_plan(q, large_mode="dequant") for q in layer] for layer in qts]
+    plans8 = [make_plan(q, large_mode="dequant", fp8=True) for layer in qts for q in layer]
     buf = [torch.empty(max(K * N for K, N in LAYER), device=dev, dtype=torch.float16) for _ in range(2)]
     side = torch.cuda.Stream()
     rows = []
@@ -105,6 +118,8 @@ def main() -> None:
         work = [(xs[K], q, p, o) for layer_q, layer_p, layer_o in zip(qts, plans, outs)
                 for (K, _), q, p, o in zip(LAYER, layer_q, layer_p, layer_o)]
         dense = [dequantize_permuted(q, p, torch.float16) for _, q, p, _ in work[:4]]
+        fp8 = {"plans": plans8, "acts": [f8.quantize_act(x, q.perm) for x, q, _, _ in work[:4]],
+               "codes": [(f8.fp8_codes(q, p.fp8), q.scales.float()) for (_, q, _, _), p in zip(work, plans8)][:4]}
         ev_deq = [torch.cuda.Event() for _ in work]
         ev_mm = [torch.cuda.Event() for _ in work]
         flop = 2 * M * sum(K * N for K, N in LAYER)
@@ -115,9 +130,9 @@ def main() -> None:
             programs = int(progs) or None
             carveout = None if carve == "-" else int(carve)
             with blas(lt == "1", carveout):
-                fn = arm_fn(kind, work, buf, programs, side, ev_deq, ev_mm, dense, cfg)
+                fn = arm_fn(kind, work, buf, programs, side, ev_deq, ev_mm, dense, cfg, fp8)
                 ms = graph_time([fn], reps=7) * 1e3 / a.layers  # one graph of the whole arm; seconds a replay
-            if kind in ("serial", "overlap"):
+            if kind in ("serial", "overlap", "fp8"):
                 got = torch.cat([o.float().flatten()[:4096] for o in outs[-1]])
                 ref = got if ref is None else ref
                 err = (got - ref).abs().max().item()
@@ -126,7 +141,7 @@ def main() -> None:
             rows.append({"M": M, "arm": arm, "ms_per_layer": ms, "tflops": flop / ms / 1e9})
             print(f"M={M:5d} {arm:24s} {ms:7.3f} ms/layer  {flop / ms / 1e9:6.0f} TFLOP/s  max|diff| {err:.3g}",
                   flush=True)
-        del outs, work, dense
+        del outs, work, dense, fp8
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "prefill_overlap.json"), "w") as f:
             json.dump(rows, f)

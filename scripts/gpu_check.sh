@@ -2,7 +2,7 @@
 # The one command run on the GPU machine (device tool): GPU tests + benchmarks, results under $OUT.
 #
 #   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [stages] [stagetable] [base] [ab] [async] [bench8b] [quick] [full] [exl2]
-#                        [attn] [gptq8b] [bench70b] [ember70b] [bpw] [batch] [pdl] [profile] [gprofile] [sweep] [prefillgemm] [overlap] [tests]
+#                        [attn] [gptq8b] [bench70b] [ember70b] [bpw] [batch] [pdl] [profile] [gprofile] [sweep] [prefillgemm] [overlap] [fp8] [tests]
 #   (default: tests bench8b exl2). Run it under `timeout N` to fit a device call: timeout signals the whole
 #   process group, and on TERM the script stops what it started and still packs $OUT for the return trip.
 # smoke: the engine / model / attention GPU tests first; qtests: the one-row, mixed-width and epilogue
@@ -25,7 +25,8 @@
 #   once per PROFILE_ARMS entry (VAR=value[,VAR=value]); sweep: batch-1 qmatmul launch configs (SWEEP_WIDTHS, SWEEP_SHAPES,
 #   SWEEP_ARGS); prefillgemm: prefill-sized matmuls; overlap: prefill matmuls with the dequant kernel on a
 #   second stream (scripts/bench_prefill_overlap.py, OVERLAP_ARGS, once per OVERLAP_ENVS entry);
-#   ember70b: bench70b without ExLlamaV2 (B70_BPW: the widths, default "4.0 2.5").
+#   ember70b: bench70b without ExLlamaV2 (B70_BPW: the widths, default "4.0 2.5"); fp8: the bench8b rows with
+#   --fp8-prefill (the prompt's matmuls on fp8 tensor cores).
 #   qtests takes QTEST_K (a pytest -k) and QTEST_TIMEOUT.
 #   (`core` and `noqm` are accepted for the commands of earlier rounds: core = without full, noqm = no table;
 #   nogptq: bench8b without ember's run of the GPTQ folder.)
@@ -146,6 +147,11 @@ if has bench8b; then
   bench --synthetic llama3-8b --bpw 4.0 --head-bits 8 --prompt-len 512 --gen-len 128
   bench --synthetic llama3-8b --bpw 4.0 --head-bits 8 --prompt-len 2048 --gen-len 128
   has nogptq || bench --model /tmp/l3gptq --prompt-len 512 --gen-len 128
+fi
+if has fp8; then  # the same 8B rows with the prompt's matmuls on fp8 tensor cores (kernels/qmatmul_fp8.py)
+  log "ember llama3-8b, --fp8-prefill"
+  for pl in 512 2048; do bench --synthetic llama3-8b --bpw 4.0 --head-bits 8 --prompt-len $pl --gen-len 128 --fp8-prefill; done
+  has nogptq || bench --model /tmp/l3gptq --prompt-len 512 --gen-len 128 --fp8-prefill
 fi
 if has exl2; then
   wait $BUILD; log "exllamav2 llama3-8b GPTQ"; tail -3 "$OUT/exl2_build.log"
