@@ -150,7 +150,9 @@ def fp8_quantize_act(x: torch.Tensor, perm: torch.Tensor | None = None) -> tuple
     when perm is given) divided by its largest magnitude / 448 and rounded to e4m3 (qmatmul_fp8.py)."""
     M, K = x.shape
     xp = (x if perm is None else x[:, perm.long()]).float().view(M, K // 128, 128)
-    s = xp.abs().amax(-1).clamp_min(1e-20) / 448.0  # (M, K/128)
+    amax = xp.abs().amax(-1).clamp_min(1e-20)
+    s = amax / torch.full_like(amax, 448.0)  # (M, K/128); tensor / tensor: IEEE division on every device
+    # (on CUDA, torch divides by a Python scalar as a multiply by its reciprocal, one ulp off the kernel's)
     a8 = (xp / s[..., None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(M, K)
     return a8, s.T.contiguous()
 

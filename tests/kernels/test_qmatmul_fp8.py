@@ -120,6 +120,7 @@ def test_fp8_prefill_on_cpu_warns_and_changes_nothing(caplog):
     assert "needs a Hopper GPU" in caplog.text
 
 
+@pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M", [65, 200, 512])
