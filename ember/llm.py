@@ -124,10 +124,10 @@ def load(path: str | Path | None = None, device: str | None = None, max_seq_len:
 def enable_fp8_prefill(model, device: torch.device) -> None:
     """EngineConfig.fp8_prefill: switch the quantized linears that allow it to the FP8 many-row path, or say
     why nothing changes."""
-    from ember.kernels.qmatmul_fp8 import fp8_device_ok
+    from ember.kernels.qmatmul_fp8 import fp8_gpu_ok
     from ember.layers.quant_linear import set_fp8_prefill
 
-    if device.type != "cuda" or not fp8_device_ok(device):
+    if not fp8_gpu_ok(device):
         log.warning("fp8_prefill needs a Hopper GPU (sm_90) and CUDA 12.9+; the prompt runs on the 16-bit path")
         return
     able, total = set_fp8_prefill(model, True)

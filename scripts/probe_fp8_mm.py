@@ -1,5 +1,7 @@
 """Probe (device): does torch._scaled_mm take 1x128 x 1x128 block scales here, with which output dtypes, and how
-fast is it against the fp16 cuBLAS matmul on the 8B layer shapes? Prints one line per case."""
+fast is it against the fp16 cuBLAS matmul on the 8B layer shapes? Prints one line per case. (Call L2 tried the
+other scale layouts with a one-off variant of this script: torch 2.11 takes only sa (M, K/128) with strides
+(1, M) and sb (K/128, N) contiguous; raw log in bench/results/raw-2026-11-27-s9/L2.)"""
 
 # ruff: noqa: B023  (each lambda runs inside its loop iteration)
 import sys

@@ -201,6 +201,7 @@ def _reference_fp8_pieces(monkeypatch):
     PyTorch references, on the GPU tensors."""
     from ember.kernels import qmatmul_fp8 as f8
     from ember.kernels import reference as R
+    from ember.quant.format import centered_codes
 
     def quantize_act(x2, perm, bm=16, silu=False):
         a8, sa = R.fp8_quantize_act(R.silu_and_mul(x2) if silu else x2, perm)
@@ -209,7 +210,7 @@ def _reference_fp8_pieces(monkeypatch):
         return a8, torch.cat([sa, torch.ones((sa.shape[0], pad), device=sa.device)], 1)
 
     monkeypatch.setattr(f8, "quantize_act", quantize_act)
-    monkeypatch.setattr(f8, "fp8_codes", lambda qt, fplan: R.fp8_codes(qt).to(torch.float8_e4m3fn))
+    monkeypatch.setattr(f8, "fp8_codes", lambda qt, fplan: centered_codes(qt).to(torch.float8_e4m3fn))
     monkeypatch.setattr(f8, "block_scaled_mm", f8.emulated_block_scaled_mm)
 
 

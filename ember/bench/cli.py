@@ -40,10 +40,10 @@ def cmd_bench(args) -> int:
 
     fp8 = None
     if args.fp8_prefill:
-        from ember.kernels.qmatmul_fp8 import fp8_device_ok
+        from ember.kernels.qmatmul_fp8 import fp8_gpu_ok
         from ember.layers.quant_linear import set_fp8_prefill
 
-        if device.type != "cuda" or not fp8_device_ok(device):
+        if not fp8_gpu_ok(device):
             raise SystemExit("ember bench: --fp8-prefill needs a Hopper GPU (sm_90) and CUDA 12.9+")
         able, total = set_fp8_prefill(model, True)
         fp8 = f"{able}/{total}"

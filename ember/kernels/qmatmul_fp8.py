@@ -64,6 +64,11 @@ def fp8_device_ok(device: torch.device) -> bool:
     return major == 9 and cuda >= (12, 9)
 
 
+def fp8_gpu_ok(device: torch.device) -> bool:
+    """Whether `device` is a GPU that runs the path (what --fp8-prefill asks of the machine)."""
+    return device.type == "cuda" and fp8_device_ok(device)
+
+
 def fp8_plan(qt: QuantizedTensor, dequant_meta: dict[int, torch.Tensor]) -> Fp8Plan | None:
     if fp8_reason(qt) is not None or not fp8_device_ok(qt.qweight.device):
         return None

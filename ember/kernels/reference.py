@@ -157,25 +157,16 @@ def fp8_quantize_act(x: torch.Tensor, perm: torch.Tensor | None = None) -> tuple
     return a8, s.T.contiguous()
 
 
-def fp8_codes(qt) -> torch.Tensor:
-    """(N, K) float32 q - z of a quantized tensor in permuted input order (the fp8 path's weight operand)."""
-    from ember.quant.format import group_rows, input_bits, unpack_codes
-
-    q = unpack_codes(qt).float()
-    if qt.qzeros is not None:
-        return q - qt.qzeros.float()[group_rows(qt)].T
-    return q - (2.0 ** (input_bits(qt).to(q.device) - 1)).float()[None, :]
-
-
 def qmatmul_fp8(x: torch.Tensor, qt, rotated: bool = False) -> torch.Tensor:
     """(M, K) -> (M, N) float32: what the fp8 prefill path computes, x rotated (unless `rotated` says it
-    already is), permuted and rounded to e4m3 per 128 inputs, times the exact weights (q - z) * s."""
-    from ember.quant.format import group_rows
+    already is), permuted and rounded to e4m3 per 128 inputs, times the exact weights (q - z) * s. The fp8
+    path's weight operand, q - z as e4m3, is quant.format.centered_codes."""
+    from ember.quant.format import centered_codes, group_rows
     from ember.quant.hadamard import block_hadamard
 
     xr = x if rotated else block_hadamard(x, qt.had)  # in x's dtype, as the kernels see it
     a8, sa = fp8_quantize_act(xr, qt.perm)
     a = a8.float() * sa.T.repeat_interleave(128, dim=1)
-    w = fp8_codes(qt) * qt.scales.float()[group_rows(qt)].T
+    w = centered_codes(qt) * qt.scales.float()[group_rows(qt)].T  # exact weights, permuted, still rotated
     y = a @ w.T
     return y + qt.bias.float() if qt.bias is not None else y

@@ -246,20 +246,21 @@ def input_bits(qt: QuantizedTensor) -> torch.Tensor:
     return torch.cat([torch.full((k_len,), b) for _k, k_len, b, *_ in _segment_list(qt.segments)])
 
 
+def centered_codes(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, K) q - z in permuted input order (zero 2^(b-1) when symmetric): the stored weight over its scale."""
+    q = unpack_codes(qt).to(dtype)
+    if qt.qzeros is not None:
+        return q - qt.qzeros.to(dtype)[group_rows(qt)].T
+    return q - (2.0 ** (input_bits(qt).to(q.device) - 1)).to(dtype)[None, :]
+
+
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """W (N, K) in the original input order such that the layer computes x @ W.T.
 
     Wq (permuted, rotated) -> undo perm: Wr[:, perm[i]] = Wq[:, i] -> undo rotation: W = Wr @ H (the
     stored weight approximates W H and H H = I). Math in float32 (float64 if asked), cast to dtype."""
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
-    q = unpack_codes(qt).to(cdt)  # (N, K)
-    rows = group_rows(qt)
-    s = qt.scales.to(cdt)[rows].T  # (N, K)
-    if qt.qzeros is not None:
-        z = qt.qzeros.to(cdt)[rows].T
-    else:
-        z = (2.0 ** (input_bits(qt).to(q.device) - 1)).to(cdt)[None, :]
-    wq = (q - z) * s
+    wq = centered_codes(qt, cdt) * qt.scales.to(cdt)[group_rows(qt)].T  # (N, K)
     if qt.perm is not None:
         w = torch.empty_like(wq)
         w[:, qt.perm.long()] = wq
