@@ -2,7 +2,8 @@
 # The one command run on the GPU machine (device tool): GPU tests + benchmarks, results under $OUT.
 #
 #   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [stages] [stagetable] [base] [ab] [async] [bench8b] [quick] [full] [exl2]
-#                        [attn] [gptq8b] [bench70b] [ember70b] [bpw] [batch] [pdl] [profile] [gprofile] [sweep] [prefillgemm] [overlap] [fp8] [tests]
+#                        [attn] [gptq8b] [bench70b] [ember70b] [bpw] [batch] [pdl] [profile] [gprofile] [sweep] [prefillgemm] [overlap] [fp8]
+#                        [gemvfixed] [tests]
 #   (default: tests bench8b exl2). Run it under `timeout N` to fit a device call: timeout signals the whole
 #   process group, and on TERM the script stops what it started and still packs $OUT for the return trip.
 # smoke: the engine / model / attention GPU tests first; qtests: the one-row, mixed-width and epilogue
@@ -26,7 +27,9 @@
 #   SWEEP_ARGS); prefillgemm: prefill-sized matmuls; overlap: prefill matmuls with the dequant kernel on a
 #   second stream (scripts/bench_prefill_overlap.py, OVERLAP_ARGS, once per OVERLAP_ENVS entry);
 #   ember70b: bench70b without ExLlamaV2 (B70_BPW: the widths, default "4.0 2.5"); fp8: the bench8b rows with
-#   --fp8-prefill (the prompt's matmuls on fp8 tensor cores).
+#   --fp8-prefill (the prompt's matmuls on fp8 tensor cores); gemvfixed: the batch-1 GEMV's fixed cost per launch
+#   and streaming rate, once per arm of FIXED_ARGS (scripts/probe_gemv_fixed.py); quick without bench8b: the table,
+#   once per QUICK_ARMS entry.
 #   qtests takes QTEST_K (a pytest -k) and QTEST_TIMEOUT.
 #   (`core` and `noqm` are accepted for the commands of earlier rounds: core = without full, noqm = no table;
 #   nogptq: bench8b without ember's run of the GPTQ folder.)
@@ -87,6 +90,17 @@ if has h2 || has qtests; then  # the quantized-matmul GPU tests of the one-row p
   log "qmatmul GPU tests (one-row and mixed)"
   timeout "${QTEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider \
     -k "${QTEST_K:-m1 or mixed or graph or epilogue}" tests/kernels/test_qmatmul.py 2>&1 | tee "$OUT/gpu_qmatmul.log" | tail -4
+fi
+if has gemvfixed; then  # batch-1 GEMV: fixed cost per launch and streaming rate, per arm (scripts/probe_gemv_fixed.py)
+  log "batch-1 GEMV fixed cost (${FIXED_ARGS:-default arms})"
+  python3 scripts/probe_gemv_fixed.py ${FIXED_ARGS:-} 2>&1 | tee "$OUT/gemv_fixed.txt" | grep -E "fixed|28672|Error"
+fi
+if has quick && ! has bench8b; then  # the batch-1 qmatmul table alone, once per QUICK_ARMS entry (VAR=value[,...])
+  for arm in ${QUICK_ARMS:-default}; do
+    e=; [ "$arm" = default ] || e=${arm//,/ }
+    f="$OUT/qmatmul_${arm//[=,]/_}.txt"; log "qmatmul, arm $arm"
+    env $e python3 scripts/bench_qmatmul.py --quick 2>&1 | tail -60 > "$f"; grep -E "^ *(14336|4096 x 28672)" "$f"
+  done
 fi
 if has h2; then  # packed-half decode (kernels/qmatmul_h2.py): A/B against the fp32 decode
   log "8B decode, EMBER_H2=0 (fp32 decode) / 1 (packed halves)"

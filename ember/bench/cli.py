@@ -77,7 +77,9 @@ def _switches() -> dict:
     from ember.engine.runner import async_decode, step_kernels
     from ember.kernels import ops
     from ember.kernels.attention_decode import EARLY_MERGE_SCALE, MIN_SPLIT_TOKENS, early_enabled
-    from ember.kernels.qmatmul import DEFAULTS, WIDE_STAGES, _epi_early, _even_n_on, _pdl_all, _use_tuned
+    from ember.kernels.qmatmul import (DEFAULTS, WIDE_STAGES, _epi_early, _even_n_on, _pdl_all, _uniform_on,
+                                       _use_tuned)
+    from ember.kernels.qmatmul_kernels import ROW_SUM
 
     env = os.environ.get
     return dict(ember_fuse=int(ops.fuse_enabled()), ember_h2=int(env("EMBER_H2", "1") != "0"),
@@ -89,7 +91,8 @@ def _switches() -> dict:
                 ember_attn_early=int(early_enabled()), ember_attn_min_split=MIN_SPLIT_TOKENS,
                 ember_attn_merge_scale=EARLY_MERGE_SCALE, ember_epi_early=int(_epi_early()),
                 ember_step_kernels=int(step_kernels()), ember_tuned=int(_use_tuned()),
-                ember_pdl_all=int(_pdl_all()),
+                ember_pdl_all=int(_pdl_all()), ember_uniform=int(_uniform_on()),
+                ember_row_sum=int(ROW_SUM.value),
                 ember_small_cfg=env("EMBER_SMALL_CFG") or "/".join(map(str, DEFAULTS["small"])))
 
 

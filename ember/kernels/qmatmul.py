@@ -46,6 +46,9 @@ class Launch:
     num_warps: int
     num_stages: int
     block_m: int = 64  # rows per program of the "large" dot mode (the other modes pick theirs from M)
+    # (tiles a split, tiles of K, group size, bits) when one segment covers K: the kernel computes each split's
+    # row of `meta` instead of reading it (qmatmul_kernels._split_fields)
+    uniform: tuple[int, int, int, int] | None = None
 
     @property
     def splits(self) -> int:
@@ -139,7 +142,12 @@ def _launch(segments, K: int, N: int, mode: str, device: torch.device, tiles: in
         col_blocks = triton.cdiv(N, bn)
         want = max(1, per_sm * _sm_count(device) // col_blocks)
         tiles = max(1, triton.cdiv(K // 64, want))
-    return Launch(split_meta(segments, tiles).to(device), bn, warps, stages, *bm)
+    uniform = None
+    if len(segments) == 1 and _uniform_on():
+        k0, k_len, bits, g, qrow, srow = segments[0]
+        assert k0 == 0 and qrow == 0 and srow == 0 and k_len == K, segments
+        uniform = (tiles, k_len // 64, g, bits)
+    return Launch(split_meta(segments, tiles).to(device), bn, warps, stages, *bm, uniform=uniform)
 
 
 def make_plan(qt: QuantizedTensor, tiles_per_split: int | None = None,
@@ -243,6 +251,11 @@ def _even_n_on() -> bool:
     return os.environ.get("EMBER_EVEN_N", "0") == "1"
 
 
+def _uniform_on() -> bool:
+    """EMBER_UNIFORM=0: every split reads its metadata row, also for one-segment matrices (read by make_plan)."""
+    return os.environ.get("EMBER_UNIFORM", "1") != "0"
+
+
 def _epi_early() -> bool:
     """EMBER_EPI_EARLY=0 turns off loading the fused epilogue's operands (the residual tile, gamma, the rows'
     sum of squares) before the split-K atomics (qmatmul_store.store_tile); read at every launch (A/B runs)."""
@@ -269,12 +282,13 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int,
         x2, qt.qweight, qt.scales, dummy if qt.qzeros is None else qt.qzeros,
         dummy if qt.perm is None else qt.perm, launch.meta, out2, buf, buf.view(torch.int32), cnt, M, N, x2.stride(0),
         out2.stride(0), -1, epi.rms_in if norm_in else buf, epi.eps if epi else 0.0,
-        res, res.stride(0), epi.gamma if resid else buf, epi.rms_out if resid else buf,
+        res, res.stride(0), epi.gamma if resid else buf, epi.rms_out if resid else buf, *(launch.uniform or (0, 0, 0, 0)),
         BM=block_m, BN=launch.block_n, WIDTHS=plan.widths, USE_DOT=use_dot, HAS_ZEROS=qt.qzeros is not None,
         HAS_PERM=qt.perm is not None, HAS_G32=plan.has_g32, ATOMIC=atomic, DOT_DT=dot_dt,
         H2=h2, NORM_IN=norm_in, RESID=resid, GLU=glu,
         STAGES=1 if use_dot else launch.num_stages, EVEN_N=_even_n(launch, N, glu),
-        EPI_EARLY=atomic and (norm_in or resid) and _epi_early(), num_warps=launch.num_warps,
+        EPI_EARLY=atomic and (norm_in or resid) and _epi_early(), UNIFORM=launch.uniform is not None,
+        num_warps=launch.num_warps,
         num_stages=launch.num_stages,
         **_pdl_kwargs(plan, x2.device, h2))
 

@@ -22,6 +22,8 @@ Split-K and the store: qmatmul_store.py.
 """
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -30,6 +32,14 @@ from ember.kernels.qmatmul_h2 import plane2_rows, plane_part3_h2, plane_part_h2,
 from ember.kernels.qmatmul_store import store_tile
 
 MAGIC = tl.constexpr(8388608.0)  # 2^23
+# The one-row loop can sum each tile's word rows into one (1, BN) fp32 accumulator instead of keeping one per row
+# across the loop ((2P, BN): 32 registers a thread at 4 bits and 4 columns). H100, call M2 (docs/benchmarks.md),
+# batch-1 qmatmul alone: 14336x4096 at 5 / 6 / 8 bits 19.5 / 21.9 / 27.7 -> 17.4 / 19.6 / 24.2 us, gate/up at
+# those widths unchanged; at 4 bits down 13.7 -> 14.6 us and gate/up 25.8 -> 28.8 us, the 8B 4-bit decode
+# 516 -> 461 tok/s (the packed-half loop then keeps half of a tile's weight loads until after its first
+# multiply-adds, offline SASS). So: 1 = every width, 0 = none, 2 (default) = the widths it helped, 5, 6
+# and 8 bits (EMBER_ROW_SUM, read at import).
+ROW_SUM = tl.constexpr(int(os.environ.get("EMBER_ROW_SUM", "2")))
 
 
 @triton.jit
@@ -117,12 +127,24 @@ def _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN: tl.constexpr, P: t
 
 
 @triton.jit
+def _acc(a, part, s, RS: tl.constexpr):
+    """a + part * s over a tile's word rows: part (R, BN) fp32 partial sums, s (BN,) their scale; a is (R, BN),
+    or (1, BN) with RS (_row_sum: the rows summed first, in the thread that owns the column)."""
+    if RS:
+        out = a + (tl.sum(part, axis=0) * s)[None, :]
+    else:
+        out = a + part * s[None, :]
+    return out
+
+
+@triton.jit
 def _tile_fma(a1, a2, zc, w1, w1b, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr,
               P1: tl.constexpr, P2: tl.constexpr, Z0: tl.constexpr, HAS_ZEROS: tl.constexpr,
               HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, H2: tl.constexpr):
     """Accumulate one block of 64 inputs (plane words w1 / w2, the 3-bit plane's rows in w1, w1b, w2; group
     scales) into a1 / a2; with H2 (packed halves, qmatmul_h2.py) the first plane is centred at Z0 and zc
     collects (z - Z0) * s * sum(x)."""
+    RS: tl.constexpr = (ROW_SUM == 1) or (ROW_SUM == 2 and (P2 > 0 or P1 == 8))  # ROW_SUM
     if H2:
         if P1 == 3:  # without G32, lo holds both halves (summed in fp16)
             lo, hi, sx_lo, sx_hi = plane_part3_h2(w1, w1b, w2, x_ptr, perm_ptr, kb, ones, BN, Z0, HAS_PERM,
@@ -133,9 +155,9 @@ def _tile_fma(a1, a2, zc, w1, w1b, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, 
             if not HAS_G32:
                 lo = lo + hi
         if HAS_G32:
-            a1 += lo * (16.0 * s_lo)[None, :] + hi * (16.0 * s_hi)[None, :]
+            a1 = _acc(_acc(a1, lo, 16.0 * s_lo, RS), hi, 16.0 * s_hi, RS)
         else:
-            a1 += lo * (16.0 * s_lo)[None, :]
+            a1 = _acc(a1, lo, 16.0 * s_lo, RS)
         if HAS_ZEROS:
             zc += (z_lo - Z0) * s_lo * sx_lo + (z_hi - Z0) * s_hi * sx_hi
     elif P1 == 3:  # the 3-bit plane by row groups, then the codes in the spare bits
@@ -150,21 +172,21 @@ def _tile_fma(a1, a2, zc, w1, w1b, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, 
                 w = spare3(w1, w1b, w2)
             lo, hi = _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN, 3, True, Z0, HAS_ZEROS, HAS_PERM,
                                  HAS_G32, 2 * u if u < 3 else 30, 2, 5 if u < 3 else 1)
-            a1 += lo * s_lo[None, :]
+            a1 = _acc(a1, lo, s_lo, RS)
             if HAS_G32:
-                a1 += hi * s_hi[None, :]
+                a1 = _acc(a1, hi, s_hi, RS)
     else:
         lo, hi = _plane_part(w1, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN, P1, True, Z0, HAS_ZEROS, HAS_PERM,
                              HAS_G32)
-        a1 += lo * s_lo[None, :]
+        a1 = _acc(a1, lo, s_lo, RS)
         if HAS_G32:
-            a1 += hi * s_hi[None, :]
+            a1 = _acc(a1, hi, s_hi, RS)
         if P2 > 0:
             lo, hi = _plane_part(w2, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN, P2, False, Z0, HAS_ZEROS,
                                  HAS_PERM, HAS_G32)
-            a2 += lo * (s_lo * (1 << P1))[None, :]
+            a2 = _acc(a2, lo, s_lo * (1 << P1), RS)
             if HAS_G32:
-                a2 += hi * (s_hi * (1 << P1))[None, :]
+                a2 = _acc(a2, hi, s_hi * (1 << P1), RS)
     return a1, a2, zc
 
 
@@ -218,8 +240,9 @@ def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, sro
     127 for 4 bits, offline)."""
     Z0: tl.constexpr = 1 << (P1 + P2 - 1)
     inv_g = 1.0 / g.to(tl.float32)  # scale rows by multiplication (_group)
-    a1 = tl.zeros((2 if P1 == 3 else 2 * P1, BN), tl.float32)
-    a2 = tl.zeros((2 * P2 if P2 > 0 else 1, BN), tl.float32)
+    RS: tl.constexpr = (ROW_SUM == 1) or (ROW_SUM == 2 and (P2 > 0 or P1 == 8))  # ROW_SUM
+    a1 = tl.zeros((1 if RS else 2 if P1 == 3 else 2 * P1, BN), tl.float32)
+    a2 = tl.zeros((1 if RS or P2 == 0 else 2 * P2, BN), tl.float32)
     zc = tl.zeros((BN,), tl.float32)
     first = 0
     if PDL == 2:
@@ -307,13 +330,33 @@ def _loop_dot(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, k
 
 
 @triton.jit
-def _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N, ones,
+def _split_fields(meta, uni, P1: tl.constexpr, P2: tl.constexpr, UNIFORM: tl.constexpr):
+    """(k0, tiles, g, q1row, q2row, srow, kk0) of this program's split: the 8 int32 at `meta` (qmatmul.split_meta),
+    or, UNIFORM (one segment covering K), computed from uni = (tiles a split, tiles of K, g): then the first
+    weight load does not wait for a metadata round trip (which comes from DRAM in a decode step: the weights
+    streamed since evict it from L2)."""
+    if UNIFORM:
+        tiles, kt, g = uni
+        s = tl.program_id(1)
+        k0 = s * tiles * 64
+        nt = tl.minimum(tiles, kt - s * tiles)
+        q1row = k0 * P1 // 32
+        q2row = kt * 2 * P1 + k0 * P2 // 32  # the second plane follows the first over the whole segment
+        srow = 0
+        kk0 = k0
+    else:
+        k0, nt, g = tl.load(meta), tl.load(meta + 1), tl.load(meta + 3)
+        q1row, q2row, srow, kk0 = tl.load(meta + 4), tl.load(meta + 5), tl.load(meta + 6), tl.load(meta + 7)
+    return k0, nt, g, q1row, q2row, srow, kk0
+
+
+@triton.jit
+def _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, uni, offs_n, n_mask, N, ones,
            BM: tl.constexpr, BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, USE_DOT: tl.constexpr,
            HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, DOT_DT: tl.constexpr,
-           PDL: tl.constexpr, H2: tl.constexpr, STAGES: tl.constexpr):
-    """The partial sums (BM, BN) of the split described by the 8 int32 at `meta`, width P1 + P2."""
-    k0, nt, g = tl.load(meta), tl.load(meta + 1), tl.load(meta + 3)
-    q1row, q2row, srow, kk0 = tl.load(meta + 4), tl.load(meta + 5), tl.load(meta + 6), tl.load(meta + 7)
+           PDL: tl.constexpr, H2: tl.constexpr, STAGES: tl.constexpr, UNIFORM: tl.constexpr):
+    """The partial sums (BM, BN) of this program's split (_split_fields), width P1 + P2."""
+    k0, nt, g, q1row, q2row, srow, kk0 = _split_fields(meta, uni, P1, P2, UNIFORM)
     if USE_DOT:
         acc = _loop_dot(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row,
                         srow, kk0, offs_n, n_mask, N, BM, BN, P1, P2, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT)
@@ -327,11 +370,12 @@ def _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta
 @triton.jit
 def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_ptr, ibuf_ptr, cnt_ptr, M, N,
                    stride_xm, stride_om, ones, ss_in_ptr, eps, res_ptr, stride_rm, gamma_ptr, ss_out_ptr,
+                   u_tiles, u_kt, u_g, u_bits,
                    BM: tl.constexpr, BN: tl.constexpr, WIDTHS: tl.constexpr, USE_DOT: tl.constexpr,
                    HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, ATOMIC: tl.constexpr,
                    DOT_DT: tl.constexpr, PDL: tl.constexpr, H2: tl.constexpr, NORM_IN: tl.constexpr,
                    RESID: tl.constexpr, GLU: tl.constexpr, STAGES: tl.constexpr = 1, EVEN_N: tl.constexpr = False,
-                   EPI_EARLY: tl.constexpr = False):
+                   EPI_EARLY: tl.constexpr = False, UNIFORM: tl.constexpr = False):
     """out (M, N) = x (M, K) @ Wq^T; program_id(1) = split. WIDTHS: bit b set when width b occurs, so a
     matrix of one width compiles one loop, a mixed one a runtime branch per width present.
     PDL (pdl.py): 0 off; 1 wait at the start; 2: the one-row path waits after loading its first tile.
@@ -339,7 +383,9 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
     block b takes gate columns b*BN/2 .. and the same up columns I + b*BN/2 .., so silu(gate) * up of BN/2
     outputs is finished in one program; the host makes sure I is a multiple of BN/2.
     EVEN_N: every program's BN columns exist (no column masks: fewer predicated loads and zero fills).
-    EPI_EARLY: the epilogue's operands are loaded before the split-K atomics (qmatmul_store.store_tile)."""
+    EPI_EARLY: the epilogue's operands are loaded before the split-K atomics (qmatmul_store.store_tile).
+    UNIFORM: one segment of width u_bits covers K; the splits are u_tiles blocks of 64 each (u_kt in all), group
+    size u_g, and the metadata table is not read (_split_fields)."""
     pdl.launch_dependents(PDL)
     if USE_DOT or PDL == 1:
         pdl.wait(PDL)
@@ -358,32 +404,36 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
     offs_m = tl.program_id(2) * BM + tl.arange(0, BM)
     m_mask = offs_m < M
     meta = meta_ptr + tl.program_id(1) * 8
-    bits = tl.load(meta + 2)
+    uni = (u_tiles, u_kt, u_g)
+    if UNIFORM:
+        bits = u_bits
+    else:
+        bits = tl.load(meta + 2)
     acc = tl.zeros((BM, BN), tl.float32)
     if (WIDTHS >> 2) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 2:
-            acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 2, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES)
+            acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, uni, offs_n, n_mask, N,
+                         ones, BM, BN, 2, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM)
     if (WIDTHS >> 3) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 3:
-            acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 3, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES)
+            acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, uni, offs_n, n_mask, N,
+                         ones, BM, BN, 3, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM)
     if (WIDTHS >> 4) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 4:
-            acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 4, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES)
+            acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, uni, offs_n, n_mask, N,
+                         ones, BM, BN, 4, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM)
     if (WIDTHS >> 5) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 5:
-            acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 4, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES)
+            acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, uni, offs_n, n_mask, N,
+                         ones, BM, BN, 4, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM)
     if (WIDTHS >> 6) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 6:
-            acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 4, 2, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES)
+            acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, uni, offs_n, n_mask, N,
+                         ones, BM, BN, 4, 2, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM)
     if (WIDTHS >> 8) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 8:
-            acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, offs_n, n_mask, N,
-                         ones, BM, BN, 8, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES)
+            acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, uni, offs_n, n_mask, N,
+                         ones, BM, BN, 8, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM)
     pdl.wait(PDL)  # a no-op after the first: covers every path before the first global write
     store_tile(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mask, offs_n, n_mask, N,
                ss_in_ptr, eps, res_ptr, stride_rm, gamma_ptr, ss_out_ptr, BM, BN, ATOMIC, NORM_IN, RESID, GLU,
