@@ -143,7 +143,9 @@ def _launch(segments, K: int, N: int, mode: str, device: torch.device, tiles: in
         want = max(1, per_sm * _sm_count(device) // col_blocks)
         tiles = max(1, triton.cdiv(K // 64, want))
     uniform = None
-    if len(segments) == 1 and _uniform_on():
+    # 3 bits keep the table: 8B decode at 3.125 bpw 518.8 / 518.4 tok/s with it against 501.9 / 501.4 without
+    # (H100, call M4, alternating arms); 4.125 bpw went the other way, 508.1 -> 516.4 (docs/benchmarks.md)
+    if len(segments) == 1 and _uniform_on() and segments[0][2] != 3:
         k0, k_len, bits, g, qrow, srow = segments[0]
         assert k0 == 0 and qrow == 0 and srow == 0 and k_len == K, segments
         uniform = (tiles, k_len // 64, g, bits)
