@@ -2,7 +2,8 @@
 
 One program per (block of BN output columns, K split, block of BM rows). A split lies inside one segment;
 its metadata row (qmatmul.py, `split_meta`) gives its first permuted input, tile count, width, group size,
-first plane rows and scale row, so the grid is fixed and nothing is read back on the host (graph-safe).
+first plane rows and scale row, so the grid is fixed and nothing is read back on the host (graph-safe). A
+matrix of one segment computes that row from the split index instead (UNIFORM, `_split_fields`).
 
 Decoding a plane of width P: a (R = 2P, BN) word tile shifted by j*P for j < V = 32/P gives a (V, R, BN)
 tile whose element (j, t) is input j*R + t of the block of 64. Integers become floats with the "magic
