@@ -3,7 +3,7 @@
 #
 #   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [stages] [stagetable] [base] [ab] [async] [bench8b] [quick] [full] [exl2]
 #                        [attn] [gptq8b] [bench70b] [ember70b] [bpw] [batch] [pdl] [profile] [gprofile] [sweep] [prefillgemm] [overlap] [fp8]
-#                        [gemvfixed] [tests]
+#                        [gemvfixed] [gemvdecode] [tests]
 #   (default: tests bench8b exl2). Run it under `timeout N` to fit a device call: timeout signals the whole
 #   process group, and on TERM the script stops what it started and still packs $OUT for the return trip.
 # smoke: the engine / model / attention GPU tests first; qtests: the one-row, mixed-width and epilogue
@@ -29,7 +29,8 @@
 #   ember70b: bench70b without ExLlamaV2 (B70_BPW: the widths, default "4.0 2.5"); fp8: the bench8b rows with
 #   --fp8-prefill (the prompt's matmuls on fp8 tensor cores); gemvfixed: the batch-1 GEMV's fixed cost per launch
 #   and streaming rate, once per arm of FIXED_ARGS (scripts/probe_gemv_fixed.py); quick without bench8b: the table,
-#   once per QUICK_ARMS entry.
+#   once per QUICK_ARMS entry; gemvdecode: each matmul's time inside the decode step, per shape and width
+#   (scripts/gemv_in_decode.py, GEMVDEC_WIDTHS).
 #   qtests takes QTEST_K (a pytest -k) and QTEST_TIMEOUT.
 #   (`core` and `noqm` are accepted for the commands of earlier rounds: core = without full, noqm = no table;
 #   nogptq: bench8b without ember's run of the GPTQ folder.)
@@ -94,6 +95,10 @@ fi
 if has gemvfixed; then  # batch-1 GEMV: fixed cost per launch and streaming rate, per arm (scripts/probe_gemv_fixed.py)
   log "batch-1 GEMV fixed cost (${FIXED_ARGS:-default arms})"
   python3 scripts/probe_gemv_fixed.py ${FIXED_ARGS:-} 2>&1 | tee "$OUT/gemv_fixed.txt" | grep -E "fixed|28672|Error"
+fi
+if has gemvdecode; then  # batch-1 matmul bandwidth inside the graph-replayed decode step, per shape and width
+  log "batch-1 matmuls in the decode step (${GEMVDEC_WIDTHS:-2,3,4,5,6,8} bits)"
+  python3 scripts/gemv_in_decode.py --widths ${GEMVDEC_WIDTHS:-2,3,4,5,6,8} 2>&1 | grep -v Warn | tee "$OUT/gemv_in_decode.txt"
 fi
 if has quick && ! has bench8b; then  # the batch-1 qmatmul table alone, once per QUICK_ARMS entry (VAR=value[,...])
   for arm in ${QUICK_ARMS:-default}; do

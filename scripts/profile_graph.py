@@ -44,14 +44,10 @@ def profiled_steps(name: str, bpw: float, head_bits: int, prompt_len: int, use_g
     return model, kv, pages, prompt, prof
 
 
-def main() -> None:
-    name = sys.argv[1] if len(sys.argv) > 1 else "llama3-8b"
-    bpw = float(sys.argv[2]) if len(sys.argv) > 2 else 4.0
-    head_bits = int(sys.argv[3]) if len(sys.argv) > 3 else 8
-    prompt_len = int(sys.argv[4]) if len(sys.argv) > 4 else 512
-    steps = 8
-    prof = profiled_steps(name, bpw, head_bits, prompt_len, True, 5, steps)[-1]
-
+def step_table(prof, steps: int) -> dict:
+    """Per-kernel medians over `steps` profiled graph replays of one decode step: names, D (lasts), A (adds =
+    end - previous end), G (gap = start - previous end), in us; the layer period (kernels a layer), the first
+    kernel of the repeated layers (i0) and their count; the step's period, busy time and summed durations."""
     ev = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
     per = len(ev) // steps
     if per < 3:
@@ -61,12 +57,6 @@ def main() -> None:
     rows = [ev[i * per:(i + 1) * per] for i in range(steps)]
     periods = [rows[i + 1][0].time_range.start - rows[i][0].time_range.start for i in range(steps - 1)]
     busy = [s[-1].time_range.end - s[0].time_range.start for s in rows]
-    print(f"{name} {bpw} bpw, head {head_bits} bits, prompt {prompt_len}: {per} kernels a step; "
-          f"step period {sorted(periods)[len(periods) // 2]:.1f} us, first start -> last end "
-          f"{sorted(busy)[len(busy) // 2]:.1f} us, summed durations "
-          f"{sum(e.time_range.end - e.time_range.start for e in rows[steps // 2]):.1f} us")
-
-    # median over the profiled steps of each kernel's duration and of what it adds (end - previous end)
     names = [e.name for e in rows[0]]
     dur = [[] for _ in range(per)]
     add = [[] for _ in range(per)]
@@ -79,24 +69,48 @@ def main() -> None:
             gap[i].append(e.time_range.start - prev)
     med = lambda xs: sorted(xs)[len(xs) // 2]
     D, A, G = ([med(x) for x in xs] for xs in (dur, add, gap))
-
     # the layer period: the smallest P with names[i] == names[i + P] over the middle of the step
     period = next((p for p in range(2, 16) if all(names[i] == names[i + p] for i in range(per // 4, per // 2))), 0)
+    i0 = layers = 0
+    for start in range(per - period if period else 0):  # the start repeating for the most layers (earliest on ties)
+        n = 0
+        while start + (n + 1) * period <= per and names[start + n * period:start + (n + 1) * period] == \
+                names[start:start + period]:
+            n += 1
+        if n > layers:
+            i0, layers = start, n
+    return {"names": names, "D": D, "A": A, "G": G, "per": per, "period": period, "i0": i0, "layers": layers,
+            "step_period": med(periods), "busy": med(busy),
+            "summed": sum(e.time_range.end - e.time_range.start for e in rows[steps // 2])}
+
+
+def position_means(t: dict) -> list[tuple[float, float, float]]:
+    """(lasts, adds, gap) of each position of the repeated layer, the mean over the layers."""
+    out = []
+    for j in range(t["period"]):
+        idx = [t["i0"] + k * t["period"] + j for k in range(t["layers"])]
+        out.append(tuple(sum(t[key][i] for i in idx) / t["layers"] for key in ("D", "A", "G")))
+    return out
+
+
+def main() -> None:
+    name = sys.argv[1] if len(sys.argv) > 1 else "llama3-8b"
+    bpw = float(sys.argv[2]) if len(sys.argv) > 2 else 4.0
+    head_bits = int(sys.argv[3]) if len(sys.argv) > 3 else 8
+    prompt_len = int(sys.argv[4]) if len(sys.argv) > 4 else 512
+    steps = 8
+    t = step_table(profiled_steps(name, bpw, head_bits, prompt_len, True, 5, steps)[-1], steps)
+    names, D, A, G, per, period = t["names"], t["D"], t["A"], t["G"], t["per"], t["period"]
+    print(f"{name} {bpw} bpw, head {head_bits} bits, prompt {prompt_len}: {per} kernels a step; "
+          f"step period {t['step_period']:.1f} us, first start -> last end {t['busy']:.1f} us, summed durations "
+          f"{t['summed']:.1f} us")
     print(f"layer period {period} kernels")
     if period:
-        i0 = per // 4 - (per // 4) % period
-        while i0 >= period and all(names[i0 - period + j] == names[i0 + j] for j in range(period)):
-            i0 -= period
-        layers = 0
-        while i0 + (layers + 1) * period <= per and all(names[i0 + layers * period + j] == names[i0 + j]
-                                                         for j in range(period)):
-            layers += 1
+        i0, layers = t["i0"], t["layers"]
         print(f"{layers} layers from kernel {i0}; per layer position (mean over layers):")
         print(f"{'pos':>3} {'lasts us':>9} {'adds us':>8} {'gap us':>7}  kernel")
         tot_a = 0.0
-        for j in range(period):
-            idx = [i0 + k * period + j for k in range(layers)]
-            d, a, g = (sum(X[i] for i in idx) / layers for X in (D, A, G))
+        for j, (d, a, g) in enumerate(position_means(t)):
             tot_a += a * layers
             print(f"{j:3d} {d:9.2f} {a:8.2f} {g:7.2f}  {names[i0 + j][:90]}")
         print(f"layers add {tot_a:.1f} us; outside the layers:")
