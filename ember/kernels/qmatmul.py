@@ -143,9 +143,11 @@ def _launch(segments, K: int, N: int, mode: str, device: torch.device, tiles: in
         want = max(1, per_sm * _sm_count(device) // col_blocks)
         tiles = max(1, triton.cdiv(K // 64, want))
     uniform = None
-    # 3 bits keep the table: 8B decode at 3.125 bpw 518.8 / 518.4 tok/s with it against 501.9 / 501.4 without
-    # (H100, call M4, alternating arms); 4.125 bpw went the other way, 508.1 -> 516.4 (docs/benchmarks.md)
-    if len(segments) == 1 and _uniform_on() and segments[0][2] != 3:
+    # One-row launches only (the ones measured). 3 bits keep the table: 8B decode at 3.125 bpw 518.8 / 518.4
+    # tok/s with it against 501.9 / 501.4 without (H100, call M4, alternating arms); 4.125 bpw went the other
+    # way, 508.1 -> 516.4 (docs/benchmarks.md, tenth round). The tl.dot modes (batched decode, prefill chunks)
+    # could take it too once measured.
+    if mode == "gemv" and len(segments) == 1 and _uniform_on() and segments[0][2] != 3:
         k0, k_len, bits, g, qrow, srow = segments[0]
         assert k0 == 0 and qrow == 0 and srow == 0 and k_len == K, segments
         uniform = (tiles, k_len // 64, g, bits)

@@ -395,9 +395,9 @@ def test_one_row_first_tile_before_wait(spec, tiles, monkeypatch):
 def test_uniform_splits_equal_the_metadata_table(bits, tiles, monkeypatch):
     """One-segment matrices compute each split's metadata row in the kernel (qmatmul_kernels._split_fields)
     instead of reading it: the same sums in the same order as the table, so bit-identical outputs, every width
-    (two-plane ones included: the second plane's rows), one row and the tl.dot rows, a last split shorter than
-    the others (3 tiles a split over 5), groups of 32, asymmetric zeros. EMBER_UNIFORM=0 gives the table path,
-    as do 3-bit matrices (measured faster with it)."""
+    (two-plane ones included: the second plane's rows), one row and the tl.dot rows (forced: the plan gives it
+    to one-row launches only), a last split shorter than the others (3 tiles a split over 5), groups of 32,
+    asymmetric zeros. EMBER_UNIFORM=0 gives the table path, as do 3-bit matrices (measured faster with it)."""
     qt = make_qt([(320, bits, 32 if bits in (3, 6) else 64)], 48, asym=bits in (2, 5), seed=bits + tiles)
     x = torch.randn(5, qt.in_features, device=DEV).half()
     outs = {}
@@ -405,6 +405,9 @@ def test_uniform_splits_equal_the_metadata_table(bits, tiles, monkeypatch):
         monkeypatch.setenv("EMBER_UNIFORM", on)
         plan = make_plan(qt, tiles)
         assert (plan.modes["gemv"].uniform is not None) == (on == "1" and bits != 3)  # 3 bits: the table
+        assert plan.modes["small"].uniform is None
+        if on == "1":  # the kernel's UNIFORM path on the tl.dot rows too
+            plan.modes["small"].uniform = (tiles, 5, qt.segments[0, 3].item(), bits)
         outs[on] = [qmatmul(x[:m], qt, plan=plan) for m in (1, 5)]
     for a, b in zip(outs["1"], outs["0"]):
         assert torch.equal(a, b)
