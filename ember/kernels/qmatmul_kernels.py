@@ -130,7 +130,7 @@ def _plane_part(w, x_ptr, perm_ptr, kb, z_lo, z_hi, ones, BN: tl.constexpr, P: t
 @triton.jit
 def _acc(a, part, s, RS: tl.constexpr):
     """a + part * s over a tile's word rows: part (R, BN) fp32 partial sums, s (BN,) their scale; a is (R, BN),
-    or (1, BN) with RS (_row_sum: the rows summed first, in the thread that owns the column)."""
+    or (1, BN) with RS (ROW_SUM for this width: the rows summed first, in the thread that owns the column)."""
     if RS:
         out = a + (tl.sum(part, axis=0) * s)[None, :]
     else:
