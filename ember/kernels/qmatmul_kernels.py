@@ -141,11 +141,10 @@ def _acc(a, part, s, RS: tl.constexpr):
 @triton.jit
 def _tile_fma(a1, a2, zc, w1, w1b, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr,
               P1: tl.constexpr, P2: tl.constexpr, Z0: tl.constexpr, HAS_ZEROS: tl.constexpr,
-              HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, H2: tl.constexpr):
+              HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, H2: tl.constexpr, RS: tl.constexpr):
     """Accumulate one block of 64 inputs (plane words w1 / w2, the 3-bit plane's rows in w1, w1b, w2; group
     scales) into a1 / a2; with H2 (packed halves, qmatmul_h2.py) the first plane is centred at Z0 and zc
-    collects (z - Z0) * s * sum(x)."""
-    RS: tl.constexpr = (ROW_SUM == 1) or (ROW_SUM == 2 and (P2 > 0 or P1 == 8))  # ROW_SUM
+    collects (z - Z0) * s * sum(x). RS: a1 / a2 are single accumulator rows (_loop_fma, ROW_SUM)."""
     if H2:
         if P1 == 3:  # without G32, lo holds both halves (summed in fp16)
             lo, hi, sx_lo, sx_hi = plane_part3_h2(w1, w1b, w2, x_ptr, perm_ptr, kb, ones, BN, Z0, HAS_PERM,
@@ -251,7 +250,7 @@ def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, sro
                                                     n_mask, N, P1, P2, HAS_ZEROS, HAS_G32, H2)
         pdl.wait(PDL)
         a1, a2, zc = _tile_fma(a1, a2, zc, w1, w1b, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, tl.multiple_of(k0, 64),
-                               ones, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM, HAS_G32, H2)
+                               ones, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM, HAS_G32, H2, RS)
         first = 1
     # STAGES > 1: Triton's pipeliner copies the words of the next STAGES - 1 tiles into shared memory
     # (cp.async) while this one is decoded, so a warp keeps loads in flight without holding them in registers
@@ -260,7 +259,7 @@ def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, sro
                                                     n_mask, N, P1, P2, HAS_ZEROS, HAS_G32, H2)
         a1, a2, zc = _tile_fma(a1, a2, zc, w1, w1b, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr,
                                tl.multiple_of(k0 + t * 64, 64), ones, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM,
-                               HAS_G32, H2)
+                               HAS_G32, H2, RS)
     y = tl.sum(a1, axis=0) - zc
     if P2 > 0:
         y += tl.sum(a2, axis=0)
