@@ -28,8 +28,8 @@
 #   second stream (scripts/bench_prefill_overlap.py, OVERLAP_ARGS, once per OVERLAP_ENVS entry);
 #   ember70b: bench70b without ExLlamaV2 (B70_BPW: the widths, default "4.0 2.5"); fp8: the bench8b rows with
 #   --fp8-prefill (the prompt's matmuls on fp8 tensor cores); gemvfixed: the batch-1 GEMV's fixed cost per launch
-#   and streaming rate, once per arm of FIXED_ARGS (scripts/probe_gemv_fixed.py); quick without bench8b: the table,
-#   once per QUICK_ARMS entry; gemvdecode: each matmul's time inside the decode step, per shape and width
+#   and streaming rate, once per arm of FIXED_ARGS (scripts/probe_gemv_fixed.py); quick / qtable run their
+#   table once per QUICK_ARMS entry (alone, or after bench8b's bandwidth); gemvdecode: each matmul's time inside the decode step, per shape and width
 #   (scripts/gemv_in_decode.py, GEMVDEC_WIDTHS).
 #   qtests takes QTEST_K (a pytest -k) and QTEST_TIMEOUT.
 #   (`core` and `noqm` are accepted for the commands of earlier rounds: core = without full, noqm = no table;
@@ -100,13 +100,18 @@ if has gemvdecode; then  # batch-1 matmul bandwidth inside the graph-replayed de
   log "batch-1 matmuls in the decode step (${GEMVDEC_WIDTHS:-2,3,4,5,6,8} bits)"
   python3 scripts/gemv_in_decode.py --widths ${GEMVDEC_WIDTHS:-2,3,4,5,6,8} 2>&1 | grep -v Warn | tee "$OUT/gemv_in_decode.txt"
 fi
-if has quick && ! has bench8b; then  # the batch-1 qmatmul table alone, once per QUICK_ARMS entry (VAR=value[,...])
+qtables() {  # the batch-1 qmatmul table (qtable: every batch), once per QUICK_ARMS entry (VAR=value[,...]):
+  # $OUT/qmatmul.txt for the default arm, qmatmul_VAR_value.txt for the others
+  local arm e f
   for arm in ${QUICK_ARMS:-default}; do
-    e=; [ "$arm" = default ] || e=${arm//,/ }
-    f="$OUT/qmatmul_${arm//[=,]/_}.txt"; log "qmatmul, arm $arm"
-    env $e python3 scripts/bench_qmatmul.py --quick 2>&1 | tail -60 > "$f"; grep -E "^ *(14336|4096 x 28672)" "$f"
+    e=; f="$OUT/qmatmul.txt"
+    [ "$arm" = default ] || { e=${arm//,/ }; f="$OUT/qmatmul_${arm//[=,]/_}.txt"; }
+    log "qmatmul, arm $arm"
+    env $e python3 scripts/bench_qmatmul.py $(has qtable || echo --quick) 2>&1 | tail -60 > "$f"
+    grep -E "^ *(14336|4096 x 28672)" "$f"
   done
-fi
+}
+if (has quick || has qtable) && ! has bench8b; then qtables; fi  # the table alone (bench8b runs it after bandwidth)
 if has h2; then  # packed-half decode (kernels/qmatmul_h2.py): A/B against the fp32 decode
   log "8B decode, EMBER_H2=0 (fp32 decode) / 1 (packed halves)"
   abarms h2.txt EMBER_H2=0 EMBER_H2=1
@@ -159,9 +164,7 @@ if has async; then  # the pipelined streaming decode (engine/runner.py greedy_to
 fi
 if has bench8b; then
   log "bandwidth"; python3 bench/baselines/bandwidth.py | tee "$OUT/bandwidth.txt"
-  if has quick || has qtable; then
-    has noqm || { log "qmatmul"; python3 scripts/bench_qmatmul.py $(has qtable || echo --quick) 2>&1 | tail -60 > "$OUT/qmatmul.txt"; }
-  fi
+  if (has quick || has qtable) && ! has noqm; then qtables; fi
   log "ember llama3-8b"
   bench --synthetic llama3-8b --bpw 4.0 --head-bits 8 --prompt-len 512 --gen-len 128
   bench --synthetic llama3-8b --bpw 4.0 --head-bits 8 --prompt-len 2048 --gen-len 128
