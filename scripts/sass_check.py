@@ -42,14 +42,12 @@ def compile_kernel(args) -> tuple[str, str, str, int]:
     const = dict(BM=16 if args.dot else 1, BN=args.bn, WIDTHS=widths, USE_DOT=args.dot, HAS_ZEROS=args.zeros,
                  HAS_PERM=args.zeros, HAS_G32=args.zeros, ATOMIC=True, DOT_DT=tl.float16, PDL=args.pdl,
                  H2=0 if args.dot else args.h2, NORM_IN="norm" in epi, RESID="resid" in epi, GLU="glu" in epi,
-                 STAGES=args.stages, EVEN_N=args.even, EPI_EARLY=args.epi_early, UNIFORM=args.uniform,
-                 FENCE=sum(1 << int(c) for c in args.fence if c in "23456"))
+                 STAGES=args.stages, EVEN_N=args.even, EPI_EARLY=args.epi_early, UNIFORM=args.uniform)
     sig = dict(SIGNATURE, **{k: "constexpr" for k in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in ALIGNED}
     k = triton.compile(ASTSource(fn=qmatmul_kernel, signature=sig, constexprs=const, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": args.warps, "num_stages": 2, "launch_pdl": bool(args.pdl),
-                                **({"maxnreg": args.maxnreg} if args.maxnreg else {})})
+                       options={"num_warps": args.warps, "num_stages": 2, "launch_pdl": bool(args.pdl)})
     tools = os.path.join(os.path.dirname(__import__("triton.backends.nvidia").backends.nvidia.__file__), "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
@@ -94,9 +92,6 @@ def main() -> None:
     p.add_argument("--even", action="store_true", help="N a multiple of the column block (no column masks)")
     p.add_argument("--epi-early", action="store_true", help="the epilogue's operands loaded before the atomics")
     p.add_argument("--uniform", action="store_true", help="one segment: split metadata computed, not read")
-    p.add_argument("--fence", default="4", help="widths whose tiles load all words before any math, as digits "
-                   "(default 4; 0 = none; qmatmul_kernels._fence)")
-    p.add_argument("--maxnreg", type=int, default=0, help="register cap per thread (Triton's maxnreg; 0: none)")
     p.add_argument("--dump", help="also write the whole SASS to this file")
     args = p.parse_args()
     ptx, sass, res, shared = compile_kernel(args)

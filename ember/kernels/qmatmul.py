@@ -260,18 +260,6 @@ def _uniform_on() -> bool:
     return os.environ.get("EMBER_UNIFORM", "1") != "0"
 
 
-def _fence_widths() -> int:
-    """EMBER_LOAD_FENCE: the widths, as digits ("4", "2345"; "0" = none), whose one-row packed-half tiles load all
-    their weight words before any math (qmatmul_kernels._fence); read at every launch (A/B runs)."""
-    return sum(1 << int(c) for c in os.environ.get("EMBER_LOAD_FENCE", "4") if c in "23456")
-
-
-def _maxnreg(use_dot: bool) -> dict:
-    """EMBER_GEMV_MAXNREG=n: cap the one-row launches at n registers a thread (Triton's maxnreg; A/B runs)."""
-    n = int(os.environ.get("EMBER_GEMV_MAXNREG") or 0)
-    return {"maxnreg": n} if n and not use_dot and not _interpreting() else {}
-
-
 def _epi_early() -> bool:
     """EMBER_EPI_EARLY=0 turns off loading the fused epilogue's operands (the residual tile, gamma, the rows'
     sum of squares) before the split-K atomics (qmatmul_store.store_tile); read at every launch (A/B runs)."""
@@ -305,9 +293,9 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int,
         H2=h2, NORM_IN=norm_in, RESID=resid, GLU=glu,
         STAGES=1 if use_dot else launch.num_stages, EVEN_N=_even_n(launch, N, glu),
         EPI_EARLY=atomic and (norm_in or resid) and _epi_early(), UNIFORM=launch.uniform is not None,
-        FENCE=0 if use_dot else _fence_widths(), num_warps=launch.num_warps,
+        num_warps=launch.num_warps,
         num_stages=launch.num_stages,
-        **_maxnreg(use_dot), **_pdl_kwargs(plan, x2.device, h2))
+        **_pdl_kwargs(plan, x2.device, h2))
 
 
 def rotate(x2: torch.Tensor, h: int) -> torch.Tensor:

@@ -139,31 +139,13 @@ def _acc(a, part, s, RS: tl.constexpr):
 
 
 @triton.jit
-def _fence(ones, w1, w1b, w2, P1: tl.constexpr, P2: tl.constexpr):
-    """ones (the runtime -1) as a (1, BN) tensor that depends on every word of the tile: xor of its rows & 0,
-    the 0 being ones + 1, which ptxas cannot fold. ptxas otherwise issues only half of a 4-bit tile's word-row
-    loads before the first multiply-add and the rest after it, into the registers the first half freed, so a
-    warp waited two DRAM round trips a tile (docs/dev/qmatmul-notes.md, tenth and eleventh sessions)."""
-    dep = tl.xor_sum(w1, axis=0)
-    if P1 == 3:
-        dep = dep ^ tl.xor_sum(w1b, axis=0) ^ tl.xor_sum(w2, axis=0)
-    elif P2 > 0:
-        dep = dep ^ tl.xor_sum(w2, axis=0)
-    return (ones ^ (dep & (ones + 1)))[None, :]
-
-
-@triton.jit
 def _tile_fma(a1, a2, zc, w1, w1b, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr,
               P1: tl.constexpr, P2: tl.constexpr, Z0: tl.constexpr, HAS_ZEROS: tl.constexpr,
-              HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, H2: tl.constexpr, RS: tl.constexpr,
-              FENCE: tl.constexpr):
+              HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, H2: tl.constexpr, RS: tl.constexpr):
     """Accumulate one block of 64 inputs (plane words w1 / w2, the 3-bit plane's rows in w1, w1b, w2; group
     scales) into a1 / a2; with H2 (packed halves, qmatmul_h2.py) the first plane is centred at Z0 and zc
-    collects (z - Z0) * s * sum(x). RS: a1 / a2 are single accumulator rows (_loop_fma, ROW_SUM). FENCE: bit b
-    set = at width b the first multiply-add waits for all of the tile's words (`_fence`)."""
+    collects (z - Z0) * s * sum(x). RS: a1 / a2 are single accumulator rows (_loop_fma, ROW_SUM)."""
     if H2:
-        if (FENCE >> (P1 + P2)) & 1:
-            ones = _fence(ones, w1, w1b, w2, P1, P2)
         if P1 == 3:  # without G32, lo holds both halves (summed in fp16)
             lo, hi, sx_lo, sx_hi = plane_part3_h2(w1, w1b, w2, x_ptr, perm_ptr, kb, ones, BN, Z0, HAS_PERM,
                                                   HAS_ZEROS, HAS_G32, H2 == 2)
@@ -247,7 +229,7 @@ def _group(k, inv_g):
 def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, srow, kk0, offs_n, n_mask, N, ones,
               BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, HAS_ZEROS: tl.constexpr,
               HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, PDL: tl.constexpr, H2: tl.constexpr,
-              STAGES: tl.constexpr, FENCE: tl.constexpr):
+              STAGES: tl.constexpr):
     """One row of x over one split -> (1, BN) float32. Planes combine as (P1 - z) + 2^p1 * P2.
     H2 (0 off, 1 plain Triton, 2 PTX): packed-half decode (qmatmul_h2.py) of 2- to 6-bit codes.
     Tile 0 is peeled off the loop and its words and scales are loaded before pdl.wait: weights are never
@@ -268,7 +250,7 @@ def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, sro
                                                     n_mask, N, P1, P2, HAS_ZEROS, HAS_G32, H2)
         pdl.wait(PDL)
         a1, a2, zc = _tile_fma(a1, a2, zc, w1, w1b, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr, tl.multiple_of(k0, 64),
-                               ones, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM, HAS_G32, H2, RS, FENCE)
+                               ones, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM, HAS_G32, H2, RS)
         first = 1
     # STAGES > 1: Triton's pipeliner copies the words of the next STAGES - 1 tiles into shared memory
     # (cp.async) while this one is decoded, so a warp keeps loads in flight without holding them in registers
@@ -277,7 +259,7 @@ def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, sro
                                                     n_mask, N, P1, P2, HAS_ZEROS, HAS_G32, H2)
         a1, a2, zc = _tile_fma(a1, a2, zc, w1, w1b, w2, s_lo, z_lo, s_hi, z_hi, x_ptr, perm_ptr,
                                tl.multiple_of(k0 + t * 64, 64), ones, BN, P1, P2, Z0, HAS_ZEROS, HAS_PERM,
-                               HAS_G32, H2, RS, FENCE)
+                               HAS_G32, H2, RS)
     y = tl.sum(a1, axis=0) - zc
     if P2 > 0:
         y += tl.sum(a2, axis=0)
@@ -372,7 +354,7 @@ def _split_fields(meta, uni, P1: tl.constexpr, P2: tl.constexpr, UNIFORM: tl.con
 def _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, uni, offs_n, n_mask, N, ones,
            BM: tl.constexpr, BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, USE_DOT: tl.constexpr,
            HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, DOT_DT: tl.constexpr,
-           PDL: tl.constexpr, H2: tl.constexpr, STAGES: tl.constexpr, UNIFORM: tl.constexpr, FENCE: tl.constexpr):
+           PDL: tl.constexpr, H2: tl.constexpr, STAGES: tl.constexpr, UNIFORM: tl.constexpr):
     """The partial sums (BM, BN) of this program's split (_split_fields), width P1 + P2."""
     k0, nt, g, q1row, q2row, srow, kk0 = _split_fields(meta, uni, P1, P2, UNIFORM)
     if USE_DOT:
@@ -381,7 +363,7 @@ def _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta
     else:  # BM == 1
         acc = _loop_fma(x_ptr + tl.program_id(2) * stride_xm, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row,
                         q2row, srow, kk0, offs_n, n_mask, N, ones, BN, P1, P2, HAS_ZEROS, HAS_PERM,
-                        HAS_G32, PDL, H2 if P1 != 8 else 0, STAGES, FENCE)  # 8 bits: the fp32 decode
+                        HAS_G32, PDL, H2 if P1 != 8 else 0, STAGES)  # 8 bits: the fp32 decode
     return acc
 
 
@@ -393,7 +375,7 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
                    HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, ATOMIC: tl.constexpr,
                    DOT_DT: tl.constexpr, PDL: tl.constexpr, H2: tl.constexpr, NORM_IN: tl.constexpr,
                    RESID: tl.constexpr, GLU: tl.constexpr, STAGES: tl.constexpr = 1, EVEN_N: tl.constexpr = False,
-                   EPI_EARLY: tl.constexpr = False, UNIFORM: tl.constexpr = False, FENCE: tl.constexpr = 0):
+                   EPI_EARLY: tl.constexpr = False, UNIFORM: tl.constexpr = False):
     """out (M, N) = x (M, K) @ Wq^T; program_id(1) = split. WIDTHS: bit b set when width b occurs, so a
     matrix of one width compiles one loop, a mixed one a runtime branch per width present.
     PDL (pdl.py): 0 off; 1 wait at the start; 2: the one-row path waits after loading its first tile.
@@ -403,8 +385,7 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
     EVEN_N: every program's BN columns exist (no column masks: fewer predicated loads and zero fills).
     EPI_EARLY: the epilogue's operands are loaded before the split-K atomics (qmatmul_store.store_tile).
     UNIFORM: one segment of width u_bits covers K; the splits are u_tiles blocks of 64 each (u_kt in all), group
-    size u_g, and the metadata table is not read (_split_fields).
-    FENCE: widths (bit b = width b) whose packed-half tiles load all their words before any math (`_fence`)."""
+    size u_g, and the metadata table is not read (_split_fields)."""
     pdl.launch_dependents(PDL)
     if USE_DOT or PDL == 1:
         pdl.wait(PDL)
@@ -432,33 +413,27 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
     if (WIDTHS >> 2) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 2:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, uni, offs_n, n_mask, N,
-                         ones, BM, BN, 2, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM,
-                         FENCE)
+                         ones, BM, BN, 2, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM)
     if (WIDTHS >> 3) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 3:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, uni, offs_n, n_mask, N,
-                         ones, BM, BN, 3, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM,
-                         FENCE)
+                         ones, BM, BN, 3, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM)
     if (WIDTHS >> 4) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 4:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, uni, offs_n, n_mask, N,
-                         ones, BM, BN, 4, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM,
-                         FENCE)
+                         ones, BM, BN, 4, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM)
     if (WIDTHS >> 5) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 5:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, uni, offs_n, n_mask, N,
-                         ones, BM, BN, 4, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM,
-                         FENCE)
+                         ones, BM, BN, 4, 1, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM)
     if (WIDTHS >> 6) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 6:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, uni, offs_n, n_mask, N,
-                         ones, BM, BN, 4, 2, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM,
-                         FENCE)
+                         ones, BM, BN, 4, 2, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM)
     if (WIDTHS >> 8) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 8:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, uni, offs_n, n_mask, N,
-                         ones, BM, BN, 8, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM,
-                         FENCE)
+                         ones, BM, BN, 8, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM)
     pdl.wait(PDL)  # a no-op after the first: covers every path before the first global write
     store_tile(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mask, offs_n, n_mask, N,
                ss_in_ptr, eps, res_ptr, stride_rm, gamma_ptr, ss_out_ptr, BM, BN, ATOMIC, NORM_IN, RESID, GLU,

@@ -414,38 +414,3 @@ def test_uniform_splits_equal_the_metadata_table(bits, tiles, monkeypatch):
     ref = x.float() @ dequantize(qt).to(DEV).T
     assert ((outs["1"][1].float() - ref).norm() / ref.norm()) < TOL
     assert make_plan(make_qt(MIXED[:2], 16), tiles).modes["gemv"].uniform is None  # two segments: the table
-
-
-def fence_case(spec, N, tiles, monkeypatch, env=()):
-    """One row with the packed-half loop's load fence (qmatmul_kernels._fence: `ones` made to depend on every
-    word of the tile, as xor & (ones + 1), which is 0 at run time) on for every width it can serve and off:
-    the same bits, and close to the reference."""
-    qt = make_qt(spec, N, asym=len(spec) > 1, use_perm=len(spec) > 1, seed=len(spec))
-    x = torch.randn(1, qt.in_features, device=DEV).half()
-    outs = []
-    for fence in ("0", "23456"):
-        with monkeypatch.context() as m:
-            m.setenv("EMBER_LOAD_FENCE", fence)
-            for k, v in env:
-                m.setenv(k, v)
-            outs.append(qmatmul(x, qt, plan=make_plan(qt, tiles)))
-    assert torch.equal(outs[0], outs[1])
-    ref = x.float() @ dequantize(qt).to(DEV).T
-    assert ((outs[1].float() - ref).norm() / ref.norm()) < TOL
-
-
-@pytest.mark.parametrize("spec", [[(256, 4, 64)], [(192, 3, 64)], [(128, 5, 32)], [(128, 2, 64)], MIXED[:5]],
-                         ids=str)
-def test_load_fence_changes_no_bit(spec, monkeypatch):
-    fence_case(spec, 40, 2, monkeypatch)
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6], ids=lambda b: f"b{b}")
-def test_gpu_load_fence_and_register_cap(bits, monkeypatch):
-    """The fence on the GPU (the PTX path), splits of 7 tiles, the last one short, also under
-    EMBER_GEMV_MAXNREG=128 (the one-row launches capped at 128 registers)."""
-    fence_case([(64 * 23, bits, 64)], 1000, 7, monkeypatch)
-    fence_case([(64 * 23, bits, 64)], 1000, 7, monkeypatch, env=[("EMBER_GEMV_MAXNREG", "128")])
-    fence_case(MIXED, 640, 3, monkeypatch)
