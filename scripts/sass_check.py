@@ -47,7 +47,8 @@ def compile_kernel(args) -> tuple[str, str, str, int]:
     attrs = {(i,): [["tt.divisibility", 16]] for i in ALIGNED}
     k = triton.compile(ASTSource(fn=qmatmul_kernel, signature=sig, constexprs=const, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": args.warps, "num_stages": 2, "launch_pdl": bool(args.pdl)})
+                       options={"num_warps": args.warps, "num_stages": 2, "launch_pdl": bool(args.pdl),
+                                **({"maxnreg": args.maxnreg} if args.maxnreg else {})})
     tools = os.path.join(os.path.dirname(__import__("triton.backends.nvidia").backends.nvidia.__file__), "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
@@ -92,6 +93,7 @@ def main() -> None:
     p.add_argument("--even", action="store_true", help="N a multiple of the column block (no column masks)")
     p.add_argument("--epi-early", action="store_true", help="the epilogue's operands loaded before the atomics")
     p.add_argument("--uniform", action="store_true", help="one segment: split metadata computed, not read")
+    p.add_argument("--maxnreg", type=int, default=0, help="register cap per thread (Triton's maxnreg; 0: none)")
     p.add_argument("--dump", help="also write the whole SASS to this file")
     args = p.parse_args()
     ptx, sass, res, shared = compile_kernel(args)

@@ -98,6 +98,12 @@ TUNED: dict[tuple[int, int, int, str], tuple[int, ...]] = {
     (4096, 6144, 4, "gemv"): (128, 2, 1, 16),  # 7.2 (8.4)
     (14336, 4096, 4, "gemv"): (256, 2, 1, 8),  # 13.4 (14.4)
 }
+# A one-row kernel of several widths compiles a loop for each and takes the registers of the largest:
+# 168 where 5 or 6 bits mix with others (5+4+3, 5+4, 6+5; offline sm_90), 3 programs of 4 warps an SM.
+# Capped at 128 (no spills, offline), the mixed 14336x4096 (1/4 5 bits, 1/2 4, 1/4 3) took 15.4 us against
+# 18.2 (H100, call N1). The other mixes compile to 80-128 registers uncapped; a cap lets ptxas use more
+# (3+2: 80 -> 128), so they keep none.
+MIXED_MAXNREG = 128
 # Not kept: 8-bit gate/up and down at (128, 2, 1, 8) were faster alone (46.68 / 24.10 us against 49.82 / 27.75,
 # K3) but the 8.125 bpw decode fell from 284.1 to 259.9 tok/s with them (K4).
 
@@ -260,6 +266,16 @@ def _uniform_on() -> bool:
     return os.environ.get("EMBER_UNIFORM", "1") != "0"
 
 
+def _maxnreg(plan: QMatmulPlan, use_dot: bool) -> dict:
+    """Register cap of the one-row launches (Triton's maxnreg): EMBER_GEMV_MAXNREG=n for all of them (A/B runs),
+    else MIXED_MAXNREG for matrices of several widths with a two-plane one (5, 6 bits) among them
+    (EMBER_MIXED_MAXNREG=0: none); read at every launch."""
+    n = int(os.environ.get("EMBER_GEMV_MAXNREG") or 0)
+    if not n and plan.widths.bit_count() > 1 and plan.widths & (1 << 5 | 1 << 6):
+        n = int(os.environ.get("EMBER_MIXED_MAXNREG") or MIXED_MAXNREG)
+    return {"maxnreg": n} if n and not use_dot and not _interpreting() else {}
+
+
 def _epi_early() -> bool:
     """EMBER_EPI_EARLY=0 turns off loading the fused epilogue's operands (the residual tile, gamma, the rows'
     sum of squares) before the split-K atomics (qmatmul_store.store_tile); read at every launch (A/B runs)."""
@@ -295,7 +311,7 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int,
         EPI_EARLY=atomic and (norm_in or resid) and _epi_early(), UNIFORM=launch.uniform is not None,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
-        **_pdl_kwargs(plan, x2.device, h2))
+        **_maxnreg(plan, use_dot), **_pdl_kwargs(plan, x2.device, h2))
 
 
 def rotate(x2: torch.Tensor, h: int) -> torch.Tensor:

@@ -357,6 +357,26 @@ def test_gemv_switches_for_ab_runs(monkeypatch):
     assert launch(4096, 512).splits == 2
 
 
+def test_register_cap_rule(monkeypatch):
+    """One-row launches of matrices that mix a two-plane width (5, 6 bits) with others are capped at
+    MIXED_MAXNREG registers; other matrices and the tl.dot launches are not; EMBER_GEMV_MAXNREG caps every
+    one-row launch, EMBER_MIXED_MAXNREG=0 lifts the mixed cap. (The interpreter takes no cap: forced off here.)"""
+    from ember.kernels import qmatmul as qm
+
+    monkeypatch.setattr(qm, "_interpreting", lambda: False)
+
+    def cap(spec, use_dot=False):
+        return qm._maxnreg(make_plan(make_qt(spec, 16)), use_dot).get("maxnreg", 0)
+
+    assert cap([(128, 5, 64), (64, 4, 64), (64, 3, 64)]) == cap([(64, 6, 64), (64, 5, 64)]) == qm.MIXED_MAXNREG
+    assert cap([(64, 3, 64), (64, 2, 64)]) == cap([(128, 5, 64)]) == cap([(128, 4, 64)]) == 0
+    assert cap([(128, 5, 64), (64, 4, 64)], use_dot=True) == 0
+    monkeypatch.setenv("EMBER_MIXED_MAXNREG", "0")
+    assert cap([(128, 5, 64), (64, 4, 64)]) == 0
+    monkeypatch.setenv("EMBER_GEMV_MAXNREG", "96")
+    assert cap([(128, 4, 64)]) == cap([(128, 5, 64), (64, 4, 64)]) == 96 and cap([(128, 4, 64)], True) == 0
+
+
 def test_pdl_mode_rule(monkeypatch):
     """Mode 2 everywhere except the fp32 decode (bf16 activations, tl.dot rows) of more than two widths,
     whose duplicated tile took ptxas minutes on the device (qmatmul._pdl_kwargs); EMBER_PDL_ALL=0 keeps
