@@ -32,7 +32,7 @@ def matmul_rows(model, t: dict) -> list[tuple[str, int, int, float, int]]:
     mm = [(att + k) % t["period"] for k in range(1, t["period"])]
     assert len(mm) == 4 and all("qmatmul" in names[j] for j in mm), names
     means = position_means(t)
-    layer = model.layers[1]
+    layer = model.model.layers[1]
     mods = [("o", layer.self_attn.o_proj), ("gate/up", layer.mlp.gate_up_proj), ("down", layer.mlp.down_proj),
             ("qkv", layer.self_attn.qkv_proj)]
     rows = [(n, m.in_features, m.out_features, means[j][1], m.qt.stored_bits() // 8) for (n, m), j in zip(mods, mm)]
