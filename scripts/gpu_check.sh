@@ -35,6 +35,7 @@
 #   (`core` and `noqm` are accepted for the commands of earlier rounds: core = without full, noqm = no table;
 #   nogptq: bench8b without ember's run of the GPTQ folder.)
 #
+# pytest runs without -q here: pyproject's addopts already give one, and -qq drops the final "N passed" line.
 # Needs, carried in the ignored .whl/ folder: gguf-0.19.0 (tests), pytest-xdist + execnet (optional, tests), and for `exl2`/`bench70b`: exllamav2-0.3.2,
 # rich, pygments, markdown-it-py, mdurl (see bench/baselines/README.md). Python/torch/triton: the machine's own.
 set -uo pipefail
@@ -64,7 +65,7 @@ fi
 
 if has smoke; then  # the GPU tests of the newest paths first, so benchmarks never run on a broken build
   log "GPU smoke tests"
-  timeout ${SMOKE_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine tests/test_gpu_model.py \
+  timeout ${SMOKE_TIMEOUT:-300} python3 -m pytest -m gpu -p no:cacheprovider tests/engine tests/test_gpu_model.py \
     tests/kernels/test_attention.py 2>&1 | tee "$OUT/gpu_smoke.log" | tail -6
 fi
 
@@ -89,7 +90,7 @@ abarms() {  # abarms FILE ARM...: ab8b of each arm, VAR=value[,VAR=value] (a BPW
 }
 if has h2 || has qtests; then  # the quantized-matmul GPU tests of the one-row path and mixed widths
   log "qmatmul GPU tests (one-row and mixed)"
-  timeout "${QTEST_TIMEOUT:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider \
+  timeout "${QTEST_TIMEOUT:-300}" python3 -m pytest -m gpu -p no:cacheprovider \
     -k "${QTEST_K:-m1 or mixed or graph or epilogue}" tests/kernels/test_qmatmul.py 2>&1 | tee "$OUT/gpu_qmatmul.log" | tail -4
 fi
 if has gemvfixed; then  # batch-1 GEMV: fixed cost per launch and streaming rate, per arm (scripts/probe_gemv_fixed.py)
@@ -252,7 +253,7 @@ if has tests; then
   # the suite is bound by Triton's JIT compiles on the host: spread it over TEST_WORKERS processes (pytest-xdist,
   # carried in .whl/) when it is there; one GPU holds them all (small shapes)
   xd=; python3 -c "import xdist" 2>/dev/null && xd="-n ${TEST_WORKERS:-8}"
-  timeout ${TEST_TIMEOUT:-900} python3 -m pytest -q -m gpu -p no:cacheprovider $xd --durations=12 ${TEST_PATHS:-tests} 2>&1 \
+  timeout ${TEST_TIMEOUT:-900} python3 -m pytest -m gpu -p no:cacheprovider $xd --durations=12 ${TEST_PATHS:-tests} 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -22
 fi
 log "done"

@@ -97,6 +97,10 @@ TUNED: dict[tuple[int, int, int, str], tuple[int, ...]] = {
     (14336, 4096, 3, "gemv"): (512, 4, 1, 16),  # 13.83 (14.31)
     (4096, 6144, 4, "gemv"): (128, 2, 1, 16),  # 7.2 (8.4)
     (14336, 4096, 4, "gemv"): (256, 2, 1, 8),  # 13.4 (14.4)
+    # several widths (bits 0; swept on the 5+4+3 mix, call N4): gate/up unpipelined, 27.4 us against 29.6
+    # at WIDE_STAGES; o and down: the default was the best
+    (4096, 6144, 0, "gemv"): (256, 2, 1, 8),  # 8.6 (9.2)
+    (4096, 28672, 0, "gemv"): (512, 4, 1, 8),  # 27.4 (29.6)
 }
 # A one-row kernel of several widths compiles a loop for each and takes the registers of the largest:
 # 168 where 5 or 6 bits mix with others (5+4+3, 5+4, 6+5; offline sm_90), 3 programs of 4 warps an SM.
