@@ -97,10 +97,6 @@ TUNED: dict[tuple[int, int, int, str], tuple[int, ...]] = {
     (14336, 4096, 3, "gemv"): (512, 4, 1, 16),  # 13.83 (14.31)
     (4096, 6144, 4, "gemv"): (128, 2, 1, 16),  # 7.2 (8.4)
     (14336, 4096, 4, "gemv"): (256, 2, 1, 8),  # 13.4 (14.4)
-    # several widths (bits 0; swept on the 5+4+3 mix, call N4): gate/up unpipelined, 27.4 us against 29.6
-    # at WIDE_STAGES; o and down: the default was the best
-    (4096, 6144, 0, "gemv"): (256, 2, 1, 8),  # 8.6 (9.2)
-    (4096, 28672, 0, "gemv"): (512, 4, 1, 8),  # 27.4 (29.6)
 }
 # A one-row kernel of several widths compiles a loop for each and takes the registers of the largest:
 # 168 where 5 or 6 bits mix with others (5+4+3, 5+4, 6+5; offline sm_90), 3 programs of 4 warps an SM.
@@ -108,6 +104,9 @@ TUNED: dict[tuple[int, int, int, str], tuple[int, ...]] = {
 # 18.2 (H100, call N1). The other mixes compile to 80-128 registers uncapped; a cap lets ptxas use more
 # (3+2: 80 -> 128), so they keep none.
 MIXED_MAXNREG = 128
+# Not kept: entries for matrices of several widths (bits 0) from a sweep of the 5+4+3 mix (call N4): qkv (256, 2, 1, 8)
+# 8.6 us against 9.2, gate/up unpipelined 27.4 against 29.6; in the 8B decode (call N5, alternating) 2.5 bpw
+# (3+2 bits) fell from 562.7 to 506.5 tok/s, 4.5 bpw from 437.1 to 434.6, 5.5 from 375.3 to 374.4.
 # Not kept: 8-bit gate/up and down at (128, 2, 1, 8) were faster alone (46.68 / 24.10 us against 49.82 / 27.75,
 # K3) but the 8.125 bpw decode fell from 284.1 to 259.9 tok/s with them (K4).
 
