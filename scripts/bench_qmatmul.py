@@ -5,7 +5,7 @@ weight copies in turn (so L2 does not hold the weights), bytes read (stored bits
 achieved GB/s and its fraction of the device-to-device copy bandwidth measured in the same run.
 Prints a table; writes JSON to $OUT/qmatmul.json when OUT is set.
 
-  PYTHONPATH=. python3 scripts/bench_qmatmul.py [--quick] [--sweep]
+  PYTHONPATH=. python3 scripts/bench_qmatmul.py [--quick] [--sweep] [--widths 4,mixed] [--act-order]
 """
 from __future__ import annotations
 
@@ -164,6 +164,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="batch 1 only")
     ap.add_argument("--sweep", action="store_true", help="sweep the gemv config on a few shapes first")
     ap.add_argument("--warm", type=str, default=None, help="i/n: only compile slice i of n, then exit")
+    ap.add_argument("--widths", default=None, help="the table's widths, e.g. 4,5,mixed (default: all)")
+    ap.add_argument("--act-order", action="store_true", help="every matrix with an input permutation and zero "
+                    "points, as the converter writes them (default: symmetric, unpermuted)")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs CUDA"
     if args.warm:
@@ -178,10 +181,11 @@ def main():
     configs = {"gemv": gemv_cfg} if gemv_cfg else None
     batches = [1] if args.quick else [1, 8, 32]
     print(f"{'K x N':>14} {'bits':>6} {'M':>3} {'us':>9} {'MB':>8} {'GB/s':>7} {'copy%':>6}")
+    widths = [w if w == "mixed" else int(w) for w in args.widths.split(",")] if args.widths else WIDTHS
     for K, N in SHAPES:
-        for width in WIDTHS:
+        for width in widths:
             for M in batches:
-                r = safe_bench(K, N, width, M, configs=configs)
+                r = safe_bench(K, N, width, M, configs=configs, perm_zeros=args.act_order)
                 if r is None:
                     continue
                 t, moved = r

@@ -29,7 +29,7 @@
 #   ember70b: bench70b without ExLlamaV2 (B70_BPW: the widths, default "4.0 2.5"); fp8: the bench8b rows with
 #   --fp8-prefill (the prompt's matmuls on fp8 tensor cores); gemvfixed: the batch-1 GEMV's fixed cost per launch
 #   and streaming rate, once per arm of FIXED_ARGS (scripts/probe_gemv_fixed.py); quick / qtable run their
-#   table once per QUICK_ARMS entry (alone, or after bench8b's bandwidth); gemvdecode: each matmul's time inside the decode step, per shape and width
+#   table once per QUICK_ARMS entry (alone, or after bench8b's bandwidth; QUICK_ARGS: more bench_qmatmul.py arguments); gemvdecode: each matmul's time inside the decode step, per shape and width
 #   (scripts/gemv_in_decode.py, GEMVDEC_WIDTHS).
 #   qtests takes QTEST_K (a pytest -k) and QTEST_TIMEOUT.
 #   (`core` and `noqm` are accepted for the commands of earlier rounds: core = without full, noqm = no table;
@@ -108,7 +108,7 @@ qtables() {  # the batch-1 qmatmul table (qtable: every batch), once per QUICK_A
     e=; f="$OUT/qmatmul.txt"
     [ "$arm" = default ] || { e=${arm//,/ }; f="$OUT/qmatmul_${arm//[=,]/_}.txt"; }
     log "qmatmul, arm $arm"
-    env $e python3 scripts/bench_qmatmul.py $(has qtable || echo --quick) 2>&1 | tail -60 > "$f"
+    env $e python3 scripts/bench_qmatmul.py $(has qtable || echo --quick) ${QUICK_ARGS:-} 2>&1 | tail -60 > "$f"
     grep -E "^ *(14336|4096 x 28672)" "$f"
   done
 }

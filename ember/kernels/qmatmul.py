@@ -102,7 +102,9 @@ TUNED: dict[tuple[int, int, int, str], tuple[int, ...]] = {
 # 168 where 5 or 6 bits mix with others (5+4+3, 5+4, 6+5; offline sm_90), 3 programs of 4 warps an SM.
 # Capped at 128 (no spills, offline), the mixed 14336x4096 (1/4 5 bits, 1/2 4, 1/4 3) took 15.4 us against
 # 18.2 (H100, call N1). The other mixes compile to 80-128 registers uncapped; a cap lets ptxas use more
-# (3+2: 80 -> 128), so they keep none.
+# (3+2: 80 -> 128), so they keep none. Offline, the cap spills with an input permutation (act-order, as the
+# converter writes every matrix: 13-96 spill instructions) and on the fp32 decode (bf16: 6+5 bits, 10), so
+# those keep none either.
 MIXED_MAXNREG = 128
 # Not kept: entries for matrices of several widths (bits 0) from a sweep of the 5+4+3 mix (call N4): qkv (256, 2, 1, 8)
 # 8.6 us against 9.2, gate/up unpipelined 27.4 against 29.6; in the 8B decode (call N5, alternating) 2.5 bpw
@@ -269,12 +271,12 @@ def _uniform_on() -> bool:
     return os.environ.get("EMBER_UNIFORM", "1") != "0"
 
 
-def _maxnreg(plan: QMatmulPlan, use_dot: bool) -> dict:
+def _maxnreg(plan: QMatmulPlan, use_dot: bool, h2: int, perm: bool) -> dict:
     """Register cap of the one-row launches (Triton's maxnreg): EMBER_GEMV_MAXNREG=n for all of them (A/B runs),
-    else MIXED_MAXNREG for matrices of several widths with a two-plane one (5, 6 bits) among them
-    (EMBER_MIXED_MAXNREG=0: none); read at every launch."""
+    else MIXED_MAXNREG for packed-half (h2) matrices of several widths with a two-plane one (5, 6 bits) among
+    them and no input permutation (EMBER_MIXED_MAXNREG=0: none); read at every launch."""
     n = int(os.environ.get("EMBER_GEMV_MAXNREG") or 0)
-    if not n and plan.widths.bit_count() > 1 and plan.widths & (1 << 5 | 1 << 6):
+    if not n and h2 and not perm and plan.widths.bit_count() > 1 and plan.widths & (1 << 5 | 1 << 6):
         n = int(os.environ.get("EMBER_MIXED_MAXNREG") or MIXED_MAXNREG)
     return {"maxnreg": n} if n and not use_dot and not _interpreting() else {}
 
@@ -314,7 +316,7 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int,
         EPI_EARLY=atomic and (norm_in or resid) and _epi_early(), UNIFORM=launch.uniform is not None,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
-        **_maxnreg(plan, use_dot), **_pdl_kwargs(plan, x2.device, h2))
+        **_maxnreg(plan, use_dot, h2, qt.perm is not None), **_pdl_kwargs(plan, x2.device, h2))
 
 
 def rotate(x2: torch.Tensor, h: int) -> torch.Tensor:

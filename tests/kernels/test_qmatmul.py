@@ -247,6 +247,8 @@ def test_gpu_mixed(M):
     qt = make_qt(spec, 777, asym=True, use_perm=True, had=64, bias=True)
     check(qt, M, torch.float16)
     check(qt, M, torch.bfloat16, tiles=3)
+    if M == 1:  # symmetric and unpermuted: the one-row launch under the mixed-width register cap (MIXED_MAXNREG)
+        check(make_qt(spec, 777, seed=1), 1, torch.float16, tiles=3)
 
 
 @pytest.mark.gpu
@@ -358,23 +360,24 @@ def test_gemv_switches_for_ab_runs(monkeypatch):
 
 
 def test_register_cap_rule(monkeypatch):
-    """One-row launches of matrices that mix a two-plane width (5, 6 bits) with others are capped at
-    MIXED_MAXNREG registers; other matrices and the tl.dot launches are not; EMBER_GEMV_MAXNREG caps every
+    """One-row packed-half launches of matrices that mix a two-plane width (5, 6 bits) with others, without an
+    input permutation, are capped at MIXED_MAXNREG registers; other matrices and the tl.dot launches are not; EMBER_GEMV_MAXNREG caps every
     one-row launch, EMBER_MIXED_MAXNREG=0 lifts the mixed cap. (The interpreter takes no cap: forced off here.)"""
     from ember.kernels import qmatmul as qm
 
     monkeypatch.setattr(qm, "_interpreting", lambda: False)
 
-    def cap(spec, use_dot=False):
-        return qm._maxnreg(make_plan(make_qt(spec, 16)), use_dot).get("maxnreg", 0)
+    def cap(spec, use_dot=False, h2=2, perm=False):
+        return qm._maxnreg(make_plan(make_qt(spec, 16)), use_dot, h2, perm).get("maxnreg", 0)
 
     assert cap([(128, 5, 64), (64, 4, 64), (64, 3, 64)]) == cap([(64, 6, 64), (64, 5, 64)]) == qm.MIXED_MAXNREG
     assert cap([(64, 3, 64), (64, 2, 64)]) == cap([(128, 5, 64)]) == cap([(128, 4, 64)]) == 0
     assert cap([(128, 5, 64), (64, 4, 64)], use_dot=True) == 0
+    assert cap([(128, 5, 64), (64, 4, 64)], perm=True) == cap([(128, 5, 64), (64, 4, 64)], h2=0) == 0
     monkeypatch.setenv("EMBER_MIXED_MAXNREG", "0")
     assert cap([(128, 5, 64), (64, 4, 64)]) == 0
     monkeypatch.setenv("EMBER_GEMV_MAXNREG", "96")
-    assert cap([(128, 4, 64)]) == cap([(128, 5, 64), (64, 4, 64)]) == 96 and cap([(128, 4, 64)], True) == 0
+    assert cap([(128, 4, 64)]) == cap([(128, 5, 64), (64, 4, 64)], perm=True) == 96 and cap([(128, 4, 64)], True) == 0
 
 
 def test_pdl_mode_rule(monkeypatch):
