@@ -27,7 +27,7 @@ import triton.language as tl
 from ember.kernels import pdl
 from ember.kernels.epilogue import Epilogue
 from ember.kernels.qmatmul_fp8 import Fp8Plan, fp8_plan, qmatmul_fp8
-from ember.kernels.qmatmul_kernels import dequant_kernel, hadamard_kernel, qmatmul_kernel
+from ember.kernels.qmatmul_kernels import dequant_kernel, gather_kernel, hadamard_kernel, qmatmul_kernel
 from ember.quant.format import PLANES, QuantizedTensor
 from ember.quant.hadamard import block_hadamard, hadamard_matrix
 
@@ -64,6 +64,7 @@ class QMatmulPlan:
     workspace: tuple[torch.Tensor, torch.Tensor]  # split-K sums (fp32) and counters, kept zero
     dequant_meta: dict[int, torch.Tensor] = field(default_factory=dict)  # bits -> meta of that width
     fp8: Fp8Plan | None = None  # set: the dequantize + cuBLAS rows run on fp8 tensor cores (qmatmul_fp8.py)
+    inv_perm: torch.Tensor | None = None  # int32 (K,): position of each input in the permuted order (act-order)
 
 
 # (mode) -> (block_n, num_warps, num_stages, target programs per SM[, block_m for "large"]); per-shape
@@ -186,8 +187,12 @@ def make_plan(qt: QuantizedTensor, tiles_per_split: int | None = None,
     ws = _workspace(device, SMALL_ROWS * N, blocks)
     if qt.had:
         hadamard_matrix(qt.had, torch.float32, device)  # cached now, not during a graph capture
+    inv = None
+    if qt.perm is not None:
+        inv = torch.empty_like(qt.perm)
+        inv[qt.perm.long()] = torch.arange(K, dtype=qt.perm.dtype, device=device)
     return QMatmulPlan(modes, widths, any(s[3] == 32 for s in segs), large_mode, ws, deq,
-                       fp8_plan(qt, deq) if fp8 else None)
+                       fp8_plan(qt, deq) if fp8 else None, inv)
 
 
 # Split-K workspace per device: fp32 sums and per-block counters, all zero between launches (the last
@@ -281,14 +286,23 @@ def _maxnreg(plan: QMatmulPlan, use_dot: bool, h2: int, perm: bool) -> dict:
     return {"maxnreg": n} if n and not use_dot and not _interpreting() else {}
 
 
+def _preperm_on() -> bool:
+    """EMBER_PREPERM=0: the kernels gather x through the input permutation themselves (qmatmul's pre-permuted
+    rows off); read at every launch (A/B runs)."""
+    return os.environ.get("EMBER_PREPERM", "1") != "0"
+
+
 def _epi_early() -> bool:
     """EMBER_EPI_EARLY=0 turns off loading the fused epilogue's operands (the residual tile, gamma, the rows'
     sum of squares) before the split-K atomics (qmatmul_store.store_tile); read at every launch (A/B runs)."""
     return os.environ.get("EMBER_EPI_EARLY", "1") != "0"
 
 
-def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int, epi: Epilogue | None = None):
+def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int, epi: Epilogue | None = None,
+                permuted: bool = False):
+    """permuted: x2 is already in the matrix's permuted input order (the kernel reads it as it is)."""
     M, N = x2.shape[0], qt.out_features
+    perm = qt.perm if qt.perm is not None and not permuted else None
     glu = epi is not None and epi.glu
     grid = (triton.cdiv(N, launch.block_n), launch.splits, triton.cdiv(M, block_m))
     atomic = launch.splits > 1
@@ -305,29 +319,48 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int,
     h2 = 0 if use_dot else _h2_mode(x2)
     qmatmul_kernel[grid](
         x2, qt.qweight, qt.scales, dummy if qt.qzeros is None else qt.qzeros,
-        dummy if qt.perm is None else qt.perm, launch.meta, out2, buf, buf.view(torch.int32), cnt, M, N, x2.stride(0),
+        dummy if perm is None else perm, launch.meta, out2, buf, buf.view(torch.int32), cnt, M, N, x2.stride(0),
         out2.stride(0), -1, epi.rms_in if norm_in else buf, epi.eps if epi else 0.0,
         res, res.stride(0), epi.gamma if resid else buf, epi.rms_out if resid else buf,
         *(launch.uniform or (0, 0, 0, 0)),
         BM=block_m, BN=launch.block_n, WIDTHS=plan.widths, USE_DOT=use_dot, HAS_ZEROS=qt.qzeros is not None,
-        HAS_PERM=qt.perm is not None, HAS_G32=plan.has_g32, ATOMIC=atomic, DOT_DT=dot_dt,
+        HAS_PERM=perm is not None, HAS_G32=plan.has_g32, ATOMIC=atomic, DOT_DT=dot_dt,
         H2=h2, NORM_IN=norm_in, RESID=resid, GLU=glu,
         STAGES=1 if use_dot else launch.num_stages, EVEN_N=_even_n(launch, N, glu),
         EPI_EARLY=atomic and (norm_in or resid) and _epi_early(), UNIFORM=launch.uniform is not None,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
-        **_maxnreg(plan, use_dot, h2, qt.perm is not None), **_pdl_kwargs(plan, x2.device, h2))
+        **_maxnreg(plan, use_dot, h2, perm is not None), **_pdl_kwargs(plan, x2.device, h2))
 
 
-def rotate(x2: torch.Tensor, h: int) -> torch.Tensor:
-    """block_hadamard of a few rows (M <= SMALL_ROWS) in one Triton launch; x2 (M, K) contiguous."""
+def rotate(x2: torch.Tensor, h: int, inv_perm: torch.Tensor | None = None) -> torch.Tensor:
+    """block_hadamard of a few rows (M <= SMALL_ROWS) in one Triton launch; x2 (M, K) contiguous. With
+    inv_perm (QMatmulPlan.inv_perm), the result comes out in the permuted input order: out[:, inv_perm[c]]
+    is rotated column c."""
     if x2.shape[0] > SMALL_ROWS or h < 16:
-        return block_hadamard(x2, h)
+        y = block_hadamard(x2, h)
+        if inv_perm is None:
+            return y
+        out = torch.empty_like(y)
+        out[:, inv_perm.long()] = y
+        return out
     M, K = x2.shape
     out = torch.empty_like(x2)
     bj = min(h, 32)
-    hadamard_kernel[(M, K // h, h // bj)](x2, hadamard_matrix(h, torch.float32, x2.device), out, x2.stride(0),
-                                          out.stride(0), H=h, BJ=bj, num_warps=4, **pdl.launch_kwargs(x2.device))
+    hadamard_kernel[(M, K // h, h // bj)](x2, hadamard_matrix(h, torch.float32, x2.device), out,
+                                          x2 if inv_perm is None else inv_perm, x2.stride(0), out.stride(0),
+                                          H=h, BJ=bj, HAS_DST=inv_perm is not None, num_warps=4,
+                                          **pdl.launch_kwargs(x2.device))
+    return out
+
+
+def permute_inputs(x2: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """x2[:, perm] for a few rows in one Triton launch (PDL-chained like the matmuls); x2 (M, K) contiguous."""
+    M, K = x2.shape
+    out = torch.empty_like(x2)
+    bk = 1024
+    gather_kernel[(M, triton.cdiv(K, bk))](x2, perm, out, K, x2.stride(0), out.stride(0), BK=bk, num_warps=4,
+                                           **pdl.launch_kwargs(x2.device))
     return out
 
 
@@ -375,10 +408,15 @@ def qmatmul(x: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor | None = Non
     assert qt.qweight.is_contiguous() and qt.scales.dtype == torch.float16
     plan = plan or make_plan(qt)
     x2 = x.reshape(-1, K).contiguous()
-    if qt.had:
-        x2 = rotate(x2, qt.had)
     M = x2.shape[0]
     pick = _pick_launch(plan, M)
+    # act-order matrices: a few rows of x are put in the permuted input order once (in the rotation's store
+    # when there is one), so the matmul's programs read x contiguously instead of gathering it per tile
+    permuted = qt.perm is not None and pick is not None and M <= SMALL_ROWS and _preperm_on()
+    if qt.had:
+        x2 = rotate(x2, qt.had, plan.inv_perm if permuted else None)
+    elif permuted:
+        x2 = permute_inputs(x2, qt.perm)
     fused = epi is not None and pick is not None and qt.bias is None and (not epi.glu or _glu_fits(pick[0], N))
     width = N // 2 if epi is not None and epi.glu else N  # of the returned tensor
     given = out
@@ -387,7 +425,7 @@ def qmatmul(x: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor | None = Non
     out2 = out.view(M, -1)
     if pick is not None:
         launch, use_dot, block_m = pick
-        _run_kernel(x2, qt, plan, launch, out2, use_dot, block_m, epi if fused else None)
+        _run_kernel(x2, qt, plan, launch, out2, use_dot, block_m, epi if fused else None, permuted)
     elif plan.fp8 is not None:
         qmatmul_fp8(x2, qt, plan.fp8, out2)
     else:

@@ -472,9 +472,11 @@ def dequant_kernel(q_ptr, s_ptr, z_ptr, meta_ptr, w_ptr, N, NB, TOTAL, BN: tl.co
 
 
 @triton.jit
-def hadamard_kernel(x_ptr, h_ptr, out_ptr, stride_xm, stride_om, H: tl.constexpr, BJ: tl.constexpr,
-                    PDL: tl.constexpr):
-    """out[m, b*H + j] = sum_i x[m, b*H + i] * Hmat[i, j] for the BJ outputs j of program_id(2), in fp32.
+def hadamard_kernel(x_ptr, h_ptr, out_ptr, dst_ptr, stride_xm, stride_om, H: tl.constexpr, BJ: tl.constexpr,
+                    HAS_DST: tl.constexpr, PDL: tl.constexpr):
+    """out[m, c] = sum_i x[m, b*H + i] * Hmat[i, j] for the BJ outputs j of program_id(2), in fp32, where
+    c = b*H + j, or with HAS_DST c = dst[b*H + j] (the inverse of the matrix's input permutation: the rotated
+    row comes out in the permuted input order the quantized matmul reads).
     One launch replaces the torch path's cast + batched matmul + cast for the rotation of a few rows."""
     pdl.launch_dependents(PDL)
     pdl.wait(PDL)
@@ -484,4 +486,20 @@ def hadamard_kernel(x_ptr, h_ptr, out_ptr, stride_xm, stride_om, H: tl.constexpr
     x = tl.load(x_ptr + m * stride_xm + b * H + offs_i).to(tl.float32)  # (H,)
     hm = tl.load(h_ptr + offs_i[:, None] * H + offs_j[None, :])  # (H, BJ)
     y = tl.sum(x[:, None] * hm, axis=0)
-    tl.store(out_ptr + m * stride_om + b * H + offs_j, y.to(out_ptr.dtype.element_ty))
+    cols = b * H + offs_j
+    if HAS_DST:
+        cols = tl.load(dst_ptr + cols)
+    tl.store(out_ptr + m * stride_om + cols, y.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def gather_kernel(x_ptr, idx_ptr, out_ptr, K, stride_xm, stride_om, BK: tl.constexpr, PDL: tl.constexpr):
+    """out[m, k] = x[m, idx[k]] for the BK inputs of program_id(1): a few rows of activations put in a matrix's
+    permuted input order once, instead of every program of the matmul gathering them again."""
+    pdl.launch_dependents(PDL)
+    pdl.wait(PDL)
+    m = tl.program_id(0)
+    offs = tl.program_id(1) * BK + tl.arange(0, BK)
+    mask = offs < K
+    src = tl.load(idx_ptr + offs, mask=mask, other=0)
+    tl.store(out_ptr + m * stride_om + offs, tl.load(x_ptr + m * stride_xm + src, mask=mask), mask=mask)

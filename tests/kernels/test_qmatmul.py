@@ -359,6 +359,38 @@ def test_gemv_switches_for_ab_runs(monkeypatch):
     assert launch(4096, 512).splits == 2
 
 
+@pytest.mark.parametrize("had", [0, 64], ids=["gather", "rotation"])
+@pytest.mark.parametrize("M", [1, 3])
+def test_prepermuted_rows_equal_the_kernel_gather(had, M, monkeypatch):
+    """Act-order matrices: the rows of x put in the permuted input order before the kernel (by the rotation's
+    store, or by gather_kernel without a rotation) give the same bits as the kernel gathering x through the
+    permutation itself (EMBER_PREPERM=0), one row (packed halves, zero points) and the tl.dot rows."""
+    prepermuted_case(make_qt(MIXED[:4], 40, asym=True, use_perm=True, had=had, seed=M + had), M, 2, monkeypatch)
+
+
+def prepermuted_case(qt, M, tiles, monkeypatch):
+    x = torch.randn(M, qt.in_features, device=DEV).half()
+    outs = {}
+    for on in ("0", "1"):
+        monkeypatch.setenv("EMBER_PREPERM", on)
+        outs[on] = qmatmul(x, qt, plan=make_plan(qt, tiles))
+    assert torch.equal(outs["0"], outs["1"])
+    ref = x.float() @ dequantize(qt).to(DEV).T
+    assert ((outs["1"].float() - ref).norm() / ref.norm()) < TOL
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("had", [0, 128], ids=["gather", "rotation"])
+@pytest.mark.parametrize("M", [1, 5])
+def test_gpu_prepermuted_rows(had, M, monkeypatch):
+    """test_prepermuted_rows_equal_the_kernel_gather on the GPU (PTX decode), a 4-bit and a mixed matrix."""
+    prepermuted_case(make_qt([(64 * 23, 4, 64)], 1000, asym=True, use_perm=True, had=had and 64), M, 7,
+                     monkeypatch)
+    prepermuted_case(make_qt([(1024, 5, 128), (512, 4, 128), (1536, 3, 128)], 777, asym=True, use_perm=True,
+                             had=had), M, 3, monkeypatch)
+
+
 def test_register_cap_rule(monkeypatch):
     """One-row packed-half launches of matrices that mix a two-plane width (5, 6 bits) with others, without an
     input permutation, are capped at MIXED_MAXNREG registers; other matrices and the tl.dot launches are not; EMBER_GEMV_MAXNREG caps every
