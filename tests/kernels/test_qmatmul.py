@@ -374,9 +374,14 @@ def prepermuted_case(qt, M, tiles, monkeypatch):
     for on in ("0", "1"):
         monkeypatch.setenv("EMBER_PREPERM", on)
         outs[on] = qmatmul(x, qt, plan=make_plan(qt, tiles))
-    assert torch.equal(outs["0"], outs["1"])
     ref = x.float() @ dequantize(qt).to(DEV).T
-    assert ((outs["1"].float() - ref).norm() / ref.norm()) < TOL
+    errs = [((outs[on].float() - ref).norm() / ref.norm()).item() for on in ("0", "1")]
+    diff = ((outs["0"].float() - outs["1"].float()).norm() / ref.norm()).item()
+    assert errs[1] < TOL, errs
+    if DEV == "cpu":  # the interpreter runs the same arithmetic: the same bits
+        assert torch.equal(outs["0"], outs["1"])
+    else:  # two compiled kernels (x read contiguously / gathered) may sum in another order: rounding apart
+        assert diff < 2e-3 and errs[1] < 1.5 * errs[0] + 1e-4, (diff, errs)
 
 
 @pytest.mark.gpu
