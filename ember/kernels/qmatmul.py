@@ -104,8 +104,9 @@ TUNED: dict[tuple[int, int, int, str], tuple[int, ...]] = {
 # Capped at 128 (no spills, offline), the mixed 14336x4096 (1/4 5 bits, 1/2 4, 1/4 3) took 15.4 us against
 # 18.2 (H100, call N1). The other mixes compile to 80-128 registers uncapped; a cap lets ptxas use more
 # (3+2: 80 -> 128), so they keep none. Offline, the cap spills with an input permutation (act-order, as the
-# converter writes every matrix: 13-96 spill instructions) and on the fp32 decode (bf16: 6+5 bits, 10), so
-# those keep none either.
+# converter writes every matrix: 13-96 spill instructions), with zero points and groups of 32 together (6+5: 4)
+# and on the fp32 decode (bf16: 6+5 bits, 10), so those keep none either. Zero points alone do not spill; an
+# act-order matrix whose x qmatmul permutes first (below) is launched without the permutation and is capped.
 MIXED_MAXNREG = 128
 # Not kept: entries for matrices of several widths (bits 0) from a sweep of the 5+4+3 mix (call N4): qkv (256, 2, 1, 8)
 # 8.6 us against 9.2, gate/up unpipelined 27.4 against 29.6; in the 8B decode (call N5, alternating) 2.5 bpw
@@ -279,9 +280,11 @@ def _uniform_on() -> bool:
 def _maxnreg(plan: QMatmulPlan, use_dot: bool, h2: int, perm: bool) -> dict:
     """Register cap of the one-row launches (Triton's maxnreg): EMBER_GEMV_MAXNREG=n for all of them (A/B runs),
     else MIXED_MAXNREG for packed-half (h2) matrices of several widths with a two-plane one (5, 6 bits) among
-    them and no input permutation (EMBER_MIXED_MAXNREG=0: none); read at every launch."""
+    them, no input permutation read by the kernel and no groups of 32 (EMBER_MIXED_MAXNREG=0: none); read at
+    every launch."""
     n = int(os.environ.get("EMBER_GEMV_MAXNREG") or 0)
-    if not n and h2 and not perm and plan.widths.bit_count() > 1 and plan.widths & (1 << 5 | 1 << 6):
+    if (not n and h2 and not perm and not plan.has_g32 and plan.widths.bit_count() > 1
+            and plan.widths & (1 << 5 | 1 << 6)):
         n = int(os.environ.get("EMBER_MIXED_MAXNREG") or MIXED_MAXNREG)
     return {"maxnreg": n} if n and not use_dot and not _interpreting() else {}
 

@@ -398,7 +398,7 @@ def test_gpu_prepermuted_rows(had, M, monkeypatch):
 
 def test_register_cap_rule(monkeypatch):
     """One-row packed-half launches of matrices that mix a two-plane width (5, 6 bits) with others, without an
-    input permutation, are capped at MIXED_MAXNREG registers; other matrices and the tl.dot launches are not; EMBER_GEMV_MAXNREG caps every
+    input permutation read by the kernel or groups of 32, are capped at MIXED_MAXNREG registers; other matrices and the tl.dot launches are not; EMBER_GEMV_MAXNREG caps every
     one-row launch, EMBER_MIXED_MAXNREG=0 lifts the mixed cap. (The interpreter takes no cap: forced off here.)"""
     from ember.kernels import qmatmul as qm
 
@@ -411,6 +411,7 @@ def test_register_cap_rule(monkeypatch):
     assert cap([(64, 3, 64), (64, 2, 64)]) == cap([(128, 5, 64)]) == cap([(128, 4, 64)]) == 0
     assert cap([(128, 5, 64), (64, 4, 64)], use_dot=True) == 0
     assert cap([(128, 5, 64), (64, 4, 64)], perm=True) == cap([(128, 5, 64), (64, 4, 64)], h2=0) == 0
+    assert cap([(128, 5, 32), (64, 4, 64)]) == 0  # groups of 32
     monkeypatch.setenv("EMBER_MIXED_MAXNREG", "0")
     assert cap([(128, 5, 64), (64, 4, 64)]) == 0
     monkeypatch.setenv("EMBER_GEMV_MAXNREG", "96")
