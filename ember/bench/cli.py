@@ -78,7 +78,7 @@ def _switches() -> dict:
     from ember.kernels import ops
     from ember.kernels.attention_decode import EARLY_MERGE_SCALE, MIN_SPLIT_TOKENS, early_enabled
     from ember.kernels.qmatmul import (DEFAULTS, MIXED_MAXNREG, WIDE_STAGES, _epi_early, _even_n_on, _pdl_all,
-                                       _uniform_on, _use_tuned)
+                                       _preperm_on, _uniform_on, _use_tuned)
     from ember.kernels.qmatmul_kernels import ROW_SUM
 
     env = os.environ.get
@@ -95,6 +95,7 @@ def _switches() -> dict:
                 ember_row_sum=int(ROW_SUM.value),
                 ember_gemv_maxnreg=int(env("EMBER_GEMV_MAXNREG") or 0),  # 0: none (mixed widths: the next)
                 ember_mixed_maxnreg=int(env("EMBER_MIXED_MAXNREG") or MIXED_MAXNREG),
+                ember_preperm=int(_preperm_on()),
                 ember_small_cfg=env("EMBER_SMALL_CFG") or "/".join(map(str, DEFAULTS["small"])))
 
 
