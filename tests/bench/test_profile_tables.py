@@ -41,7 +41,7 @@ def test_layer_window_and_matmul_mapping(preamble):
 
     layer = NS(self_attn=NS(qkv_proj=lin(64, 96), o_proj=lin(64, 64)), mlp=NS(gate_up_proj=lin(64, 256),
                                                                               down_proj=lin(128, 64)))
-    rows = matmul_rows(NS(layers=[layer, layer], lm_head=lin(64, 1000)), t)
+    rows = matmul_rows(NS(model=NS(layers=[layer, layer]), lm_head=lin(64, 1000)), t)  # as LlamaForCausalLM
     assert [(r[0], r[1], r[2], r[4]) for r in rows] == [("o", 64, 64, 64 * 64), ("gate/up", 64, 256, 64 * 256),
                                                         ("down", 128, 64, 128 * 64), ("qkv", 64, 96, 64 * 96),
                                                         ("head", 64, 1000, 64 * 1000)]
