@@ -76,16 +76,19 @@ ab8b() {  # ab8b TAG FILE [VAR=value ...]: the 8B decode row of an A/B arm, pref
   local tag=$1 file=$2; shift 2
   env "$@" python3 -m ember.cli bench --json -q --synthetic llama3-8b --bpw ${AB_BPW:-4.0} --head-bits 8 \
     --prompt-len 512 --gen-len ${AB_GEN:-128} ${AB_SEQ:+--max-seq-len $AB_SEQ} ${AB_BATCH:+--batch $AB_BATCH} \
+    ${AB_ACT:+--act-order} \
     2>>"$OUT/bench_err.log" | tail -1 \
     | sed "s|^|$tag |" | tee -a "$OUT/$file"
 }
 abarms() {  # abarms FILE ARM...: ab8b of each arm, VAR=value[,VAR=value] (a BPW=b entry sets the arm's bpw,
-  # SEQ=n its --max-seq-len; AB_BATCH / AB_GEN, when set, every arm's --batch / --gen-len)
-  local file=$1 arm b q; shift
+  # SEQ=n its --max-seq-len, ACT=1 the converter's act-order layout (--act-order); AB_BATCH / AB_GEN, when set,
+  # every arm's --batch / --gen-len)
+  local file=$1 arm b q a; shift
   for arm in "$@"; do
     b=$(sed -n 's/.*BPW=\([0-9.]*\).*/\1/p' <<< "$arm")
     q=$(sed -n 's/.*SEQ=\([0-9]*\).*/\1/p' <<< "$arm")
-    AB_BPW=${b:-${AB_BPW:-4.0}} AB_SEQ=$q ab8b "arm=$arm" "$file" ${arm//,/ }
+    a=$(sed -n 's/.*ACT=\(1\).*/\1/p' <<< "$arm")
+    AB_BPW=${b:-${AB_BPW:-4.0}} AB_SEQ=$q AB_ACT=$a ab8b "arm=$arm" "$file" ${arm//,/ }
   done
 }
 if has h2 || has qtests; then  # the quantized-matmul GPU tests of the one-row path and mixed widths

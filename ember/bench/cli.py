@@ -19,7 +19,7 @@ def cmd_bench(args) -> int:
         torch.cuda.reset_peak_memory_stats(device)
     if args.synthetic:
         model = build_synthetic(args.synthetic, args.bpw, args.head_bits, device,
-                                max_positions=args.prompt_len + args.gen_len + 64)
+                                max_positions=args.prompt_len + args.gen_len + 64, act_order=args.act_order)
         name, bpw = args.synthetic, args.bpw
     else:  # weights only: a speed run needs no tokenizer (random GPTQ checkpoints ship none)
         from ember.io.source import open_source
@@ -58,7 +58,8 @@ def cmd_bench(args) -> int:
                weight_gib=wbytes / 2**30,
                dtype=str(_activation_dtype(model)).removeprefix("torch."),
                date=datetime.date.today().isoformat(), **res, **_switches(),
-               fp8_prefill=fp8 or 0)  # "able/total" quantized linears on the fp8 path, or 0
+               fp8_prefill=fp8 or 0,  # "able/total" quantized linears on the fp8 path, or 0
+               act_order=int(bool(args.synthetic and args.act_order)))
     if args.json:
         print(json.dumps(row))
     else:
@@ -126,6 +127,9 @@ def add_cli(sub, common) -> None:
                    help="bits per weight of the synthetic decoder: within 0.25 of a width (2,3,4,5,6,8) the matrices "
                    "are uniform at it plus fp16 scales per 128 (4.0 -> 4.125 stored), else two widths are mixed "
                    "(default 4.0; the JSON reports the stored bpw)")
+    b.add_argument("--act-order", action="store_true",
+                   help="synthetic matrices in the converter's layout: input permutation, zero points, Hadamard "
+                        "rotation (default: symmetric and unpermuted, like a plain GPTQ checkpoint)")
     b.add_argument("--head-bits", type=int, default=6, help="synthetic lm_head width; 16 = fp16 (default 6)")
     b.add_argument("--prompt-len", type=int, default=512, help="prompt tokens per sequence (default 512)")
     b.add_argument("--gen-len", type=int, default=128, help="decoded tokens per sequence (default 128)")

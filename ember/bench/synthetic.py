@@ -56,24 +56,34 @@ def segment_spec(k: int, bpw: float, group: int = 128) -> list[tuple[int, int, i
     return [s for s in spec if s[0] > 0]
 
 
-def random_quantized(k: int, n: int, spec, device, gen: torch.Generator) -> QuantizedTensor:
+def random_quantized(k: int, n: int, spec, device, gen: torch.Generator, act_order: bool = False) -> QuantizedTensor:
+    """Random codes and scales in the layout of spec; act_order: as the converter writes a matrix (an input
+    permutation, zero points inside each width's code range, a Hadamard rotation of blocks of 128, else 64)."""
     seg = make_segments(spec)
     rows = sum(k_len * bits // 32 for k_len, bits, _ in spec)
     groups = sum(k_len // g for k_len, _, g in spec)
     qweight = torch.randint(-2**31, 2**31 - 1, (rows, n), dtype=torch.int32, device=device, generator=gen)
     scales = (torch.rand(groups, n, device=device, generator=gen) * 2e-3 + 1e-3).half()
-    return QuantizedTensor(qweight=qweight, scales=scales, qzeros=None, perm=None, had=0, segments=seg.to(device),
+    zeros = perm = None
+    had = 0
+    if act_order:
+        zeros = torch.cat([torch.randint(0, 1 << bits, (k_len // g, n), device=device, generator=gen)
+                           for k_len, bits, g in spec]).to(torch.uint8)
+        perm = torch.randperm(k, device=device, generator=gen).int()
+        had = 128 if k % 128 == 0 else 64
+    return QuantizedTensor(qweight=qweight, scales=scales, qzeros=zeros, perm=perm, had=had, segments=seg.to(device),
                            bias=None, in_features=k, out_features=n)
 
 
 def build_synthetic(name: str, bpw: float, head_bits: int, device, dtype=torch.float16, max_positions: int = 4096,
-                    group: int = 128, seed: int = 0) -> nn.Module:
-    return build_random(synthetic_config(name), bpw, head_bits, device, dtype, max_positions, group, seed)
+                    group: int = 128, seed: int = 0, act_order: bool = False) -> nn.Module:
+    return build_random(synthetic_config(name), bpw, head_bits, device, dtype, max_positions, group, seed, act_order)
 
 
 def build_random(cfg: ModelConfig, bpw: float, head_bits: int, device, dtype=torch.float16, max_positions: int = 4096,
-                 group: int = 128, seed: int = 0) -> nn.Module:
-    """A model of config cfg with random quantized linears (the head quantized unless head_bits >= 16)."""
+                 group: int = 128, seed: int = 0, act_order: bool = False) -> nn.Module:
+    """A model of config cfg with random quantized linears (the head quantized unless head_bits >= 16), in the
+    converter's act-order layout with act_order (random_quantized)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
         model = model_class(cfg.architecture)(cfg, max_positions).to(dtype)
@@ -83,7 +93,8 @@ def build_random(cfg: ModelConfig, bpw: float, head_bits: int, device, dtype=tor
         if mod_name == "lm_head" and head_bits >= 16:
             continue
         bits = head_bits if mod_name == "lm_head" else bpw
-        qt = random_quantized(mod.in_features, mod.out_features, segment_spec(mod.in_features, bits, group), device, gen)
+        qt = random_quantized(mod.in_features, mod.out_features, segment_spec(mod.in_features, bits, group), device, gen,
+                              act_order)
         parent, _, attr = mod_name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, QuantLinear(qt))
     for module in model.modules():
