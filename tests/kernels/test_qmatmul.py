@@ -12,7 +12,7 @@ if not torch.cuda.is_available():  # must be set before the kernels are decorate
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ember.kernels.epilogue import Epilogue
-from ember.kernels.qmatmul import make_plan, qmatmul, rotate
+from ember.kernels.qmatmul import make_plan, permute_inputs, qmatmul, rotate
 from ember.quant.format import dequantize, pack
 from ember.quant.hadamard import block_hadamard
 
@@ -206,6 +206,20 @@ def test_rotate_kernel_matches_block_hadamard(h):
     ref = block_hadamard(x.double(), h)
     out = rotate(x, h)
     assert out.dtype == x.dtype and ((out.double() - ref).norm() / ref.norm()) < 2e-3
+    # act-order: the rotated row stored in a matrix's permuted input order (out[:, k] = rotated[:, perm[k]])
+    perm = torch.randperm(4 * h, device=DEV).int()
+    inv = torch.empty_like(perm)
+    inv[perm.long()] = torch.arange(4 * h, dtype=perm.dtype, device=DEV)
+    assert torch.equal(rotate(x, h, inv), out[:, perm.long()])
+    assert torch.equal(rotate(x.repeat(12, 1), h, inv), block_hadamard(x.repeat(12, 1), h)[:, perm.long()])  # torch
+
+
+@pytest.mark.parametrize("K", [64, 1500])
+def test_gather_kernel_matches_indexing(K):
+    """permute_inputs (gather_kernel) against x[:, perm], K not a multiple of its block."""
+    x = torch.randn(3, K, device=DEV).half()
+    perm = torch.randperm(K, device=DEV).int()
+    assert torch.equal(permute_inputs(x, perm), x[:, perm.long()])
 
 
 @pytest.mark.gpu
