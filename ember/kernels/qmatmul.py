@@ -12,7 +12,9 @@ An `Epilogue` folds the RMSNorm around the residual add and the SwiGLU activatio
 paths (M <= DOT_MAX_ROWS), so a decode layer needs no norm or SiLU launches; other paths apply the same
 steps with torch ops afterwards (reference.matmul_epilogue).
 The Hadamard rotation is applied to x before the kernel: one small Triton launch for up to SMALL_ROWS rows,
-the torch matmul above that.
+the torch matmul above that. For up to SMALL_ROWS rows of an act-order matrix (input permutation), x is also put
+in the permuted order before the kernel (by the rotation's store, else one gather launch), so the kernel reads
+it contiguously; larger M gathers in the kernel (the dot mode) or in torch (dequantize + cuBLAS).
 Under TRITON_INTERPRET=1 the same kernels run on CPU tensors (tests), with fp32 tl.dot operands."""
 from __future__ import annotations
 
