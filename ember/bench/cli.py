@@ -78,8 +78,8 @@ def _switches() -> dict:
     from ember.engine.runner import async_decode, step_kernels
     from ember.kernels import ops
     from ember.kernels.attention_decode import EARLY_MERGE_SCALE, MIN_SPLIT_TOKENS, early_enabled
-    from ember.kernels.qmatmul import (DEFAULTS, MIXED_MAXNREG, WIDE_STAGES, _epi_early, _even_n_on, _pdl_all,
-                                       _preperm_on, _uniform_on, _use_tuned)
+    from ember.kernels.qmatmul import (DEFAULTS, WIDE_STAGES, _epi_early, _even_n_on, _pdl_all, _preperm_on,
+                                       _uniform_on, _use_tuned, gemv_maxnreg, mixed_maxnreg)
     from ember.kernels.qmatmul_kernels import ROW_SUM
 
     env = os.environ.get
@@ -94,8 +94,8 @@ def _switches() -> dict:
                 ember_step_kernels=int(step_kernels()), ember_tuned=int(_use_tuned()),
                 ember_pdl_all=int(_pdl_all()), ember_uniform=int(_uniform_on()),
                 ember_row_sum=int(ROW_SUM.value),
-                ember_gemv_maxnreg=int(env("EMBER_GEMV_MAXNREG") or 0),  # 0: none (mixed widths: the next)
-                ember_mixed_maxnreg=int(env("EMBER_MIXED_MAXNREG") or MIXED_MAXNREG),
+                ember_gemv_maxnreg=gemv_maxnreg(),  # 0: none (mixed widths: the next)
+                ember_mixed_maxnreg=mixed_maxnreg(),
                 ember_preperm=int(_preperm_on()),
                 ember_small_cfg=env("EMBER_SMALL_CFG") or "/".join(map(str, DEFAULTS["small"])))
 

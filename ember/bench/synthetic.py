@@ -10,6 +10,7 @@ from ember.kernels.reference import rope_cos_sin
 from ember.layers.linear import Linear
 from ember.layers.quant_linear import QuantLinear
 from ember.models.registry import model_class
+from ember.quant.candidates import rotation_block
 from ember.quant.format import QuantizedTensor, make_segments
 
 SHAPES = {
@@ -58,7 +59,7 @@ def segment_spec(k: int, bpw: float, group: int = 128) -> list[tuple[int, int, i
 
 def random_quantized(k: int, n: int, spec, device, gen: torch.Generator, act_order: bool = False) -> QuantizedTensor:
     """Random codes and scales in the layout of spec; act_order: as the converter writes a matrix (an input
-    permutation, zero points inside each width's code range, a Hadamard rotation of blocks of 128, else 64)."""
+    permutation, zero points inside each width's code range, the converter's Hadamard rotation)."""
     seg = make_segments(spec)
     rows = sum(k_len * bits // 32 for k_len, bits, _ in spec)
     groups = sum(k_len // g for k_len, _, g in spec)
@@ -70,7 +71,7 @@ def random_quantized(k: int, n: int, spec, device, gen: torch.Generator, act_ord
         zeros = torch.cat([torch.randint(0, 1 << bits, (k_len // g, n), device=device, generator=gen)
                            for k_len, bits, g in spec]).to(torch.uint8)
         perm = torch.randperm(k, device=device, generator=gen).int()
-        had = 128 if k % 128 == 0 else 64
+        had = rotation_block(k)
     return QuantizedTensor(qweight=qweight, scales=scales, qzeros=zeros, perm=perm, had=had, segments=seg.to(device),
                            bias=None, in_features=k, out_features=n)
 

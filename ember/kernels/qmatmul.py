@@ -284,11 +284,21 @@ def _maxnreg(plan: QMatmulPlan, use_dot: bool, h2: int, perm: bool) -> dict:
     else MIXED_MAXNREG for packed-half (h2) matrices of several widths with a two-plane one (5, 6 bits) among
     them, no input permutation read by the kernel and no groups of 32 (EMBER_MIXED_MAXNREG=0: none); read at
     every launch."""
-    n = int(os.environ.get("EMBER_GEMV_MAXNREG") or 0)
+    n = gemv_maxnreg()
     if (not n and h2 and not perm and not plan.has_g32 and plan.widths.bit_count() > 1
             and plan.widths & (1 << 5 | 1 << 6)):
-        n = int(os.environ.get("EMBER_MIXED_MAXNREG") or MIXED_MAXNREG)
+        n = mixed_maxnreg()
     return {"maxnreg": n} if n and not use_dot and not _interpreting() else {}
+
+
+def gemv_maxnreg() -> int:
+    """EMBER_GEMV_MAXNREG (0 or unset: no cap for every one-row launch)."""
+    return int(os.environ.get("EMBER_GEMV_MAXNREG") or 0)
+
+
+def mixed_maxnreg() -> int:
+    """EMBER_MIXED_MAXNREG, else MIXED_MAXNREG (0: no cap for the mixed-width matrices)."""
+    return int(os.environ.get("EMBER_MIXED_MAXNREG") or MIXED_MAXNREG)
 
 
 def _preperm_on() -> bool:
@@ -307,7 +317,7 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int,
                 permuted: bool = False):
     """permuted: x2 is already in the matrix's permuted input order (the kernel reads it as it is)."""
     M, N = x2.shape[0], qt.out_features
-    perm = qt.perm if qt.perm is not None and not permuted else None
+    perm = None if permuted else qt.perm
     glu = epi is not None and epi.glu
     grid = (triton.cdiv(N, launch.block_n), launch.splits, triton.cdiv(M, block_m))
     atomic = launch.splits > 1

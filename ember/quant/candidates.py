@@ -43,13 +43,17 @@ class Candidate:
             for k_len, gg in ((main, self.group), (n - main, 64)):
                 if k_len:
                     segs.append((k_len, bits, gg))
-        had = (128 if K % 128 == 0 else 64) if self.rotate else 0
-        return QuantSpec(tuple(segs), had=had, asym=self.asym)
+        return QuantSpec(tuple(segs), had=rotation_block(K) if self.rotate else 0, asym=self.asym)
 
 
 def _c(mix, group, rotate=True, asym=True) -> Candidate:
     mix = ((1.0, mix),) if isinstance(mix, int) else tuple(mix)
     return Candidate(mix, group, rotate, asym)
+
+
+def rotation_block(K: int) -> int:
+    """The Hadamard block size of a rotated K-input matrix: 128 where K allows, else 64."""
+    return 128 if K % 128 == 0 else 64
 
 
 def _half(hi: int, lo: int, frac: float = 0.5) -> tuple:
