@@ -441,9 +441,11 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
 
 
 @triton.jit
-def dequant_kernel(q_ptr, s_ptr, z_ptr, meta_ptr, w_ptr, N, NB, TOTAL, BN: tl.constexpr, P1: tl.constexpr,
-                   P2: tl.constexpr, HAS_ZEROS: tl.constexpr, PDL: tl.constexpr):
-    """w (K, N) in permuted input order = (q - z) * s for the splits of one width (P1 + P2 bits).
+def dequant_kernel(q_ptr, s_ptr, z_ptr, meta_ptr, w_ptr, rows_ptr, N, NB, TOTAL, BN: tl.constexpr, P1: tl.constexpr,
+                   P2: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_ROWS: tl.constexpr, PDL: tl.constexpr):
+    """w (K, N) in permuted input order = (q - z) * s for the splits of one width (P1 + P2 bits); HAS_ROWS:
+    permuted input k goes to row rows[k] (the matrix's permutation: w comes out in the input order, so the
+    many rows of x need no gather).
     Used for many rows, followed by cuBLAS. w may reuse memory an earlier kernel still reads: wait first.
     Work item i of TOTAL = splits x NB column blocks is (split i // NB, block i % NB); program p does items
     p, p + programs, ...: one each on a full grid, or a few persistent programs that leave the other SMs
@@ -467,29 +469,69 @@ def dequant_kernel(q_ptr, s_ptr, z_ptr, meta_ptr, w_ptr, N, NB, TOTAL, BN: tl.co
                 c = tl.load(z_ptr + ptr2, mask=n_mask[None, :], other=0).to(tl.float32) + MAGIC
             else:
                 c = MAGIC + Z0
-            dst = w_ptr + (k0 + t * 64 + offs64)[:, None] * N + offs_n[None, :]
+            row = k0 + t * 64 + offs64
+            if HAS_ROWS:
+                row = tl.load(rows_ptr + row)
+            dst = w_ptr + row[:, None] * N + offs_n[None, :]
             tl.store(dst, ((f - c) * s).to(w_ptr.dtype.element_ty), mask=n_mask[None, :])
 
 
 @triton.jit
-def hadamard_kernel(x_ptr, h_ptr, out_ptr, dst_ptr, stride_xm, stride_om, H: tl.constexpr, BJ: tl.constexpr,
+def hadamard_kernel(x_ptr, out_ptr, dst_ptr, stride_xm, stride_om, scale, H: tl.constexpr, BJ: tl.constexpr,
                     HAS_DST: tl.constexpr, PDL: tl.constexpr):
-    """out[m, c] = sum_i x[m, b*H + i] * Hmat[i, j] for the BJ outputs j of program_id(2), in fp32, where
-    c = b*H + j, or with HAS_DST c = dst[b*H + j] (the inverse of the matrix's input permutation: the rotated
-    row comes out in the permuted input order the quantized matmul reads).
+    """out[m, c] = scale * sum_i x[m, b*H + i] * (-1)^popcount(i & j) (the Sylvester matrix, scale 1/sqrt(H)) for
+    the BJ outputs j of program_id(2), in fp32, where c = b*H + j, or with HAS_DST c = dst[b*H + j] (the inverse
+    of the matrix's input permutation: the rotated row comes out in the permuted input order the quantized
+    matmul reads). The signs are computed, not loaded, and dst is read before pdl.wait (it is never written),
+    so after the wait a program only loads its H inputs.
     One launch replaces the torch path's cast + batched matmul + cast for the rotation of a few rows."""
     pdl.launch_dependents(PDL)
-    pdl.wait(PDL)
     m, b, jb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_i = tl.arange(0, H)
     offs_j = jb * BJ + tl.arange(0, BJ)
-    x = tl.load(x_ptr + m * stride_xm + b * H + offs_i).to(tl.float32)  # (H,)
-    hm = tl.load(h_ptr + offs_i[:, None] * H + offs_j[None, :])  # (H, BJ)
-    y = tl.sum(x[:, None] * hm, axis=0)
     cols = b * H + offs_j
     if HAS_DST:
         cols = tl.load(dst_ptr + cols)
+    v = offs_i[:, None] & offs_j[None, :]  # (H, BJ): the parity of the common bits is the sign (_signs)
+    v ^= v >> 16
+    v ^= v >> 8
+    v ^= v >> 4
+    v ^= v >> 2
+    v ^= v >> 1
+    sign = (1 - 2 * (v & 1)).to(tl.float32)
+    pdl.wait(PDL)
+    x = tl.load(x_ptr + m * stride_xm + b * H + offs_i).to(tl.float32)  # (H,)
+    y = tl.sum(x[:, None] * sign, axis=0) * scale
     tl.store(out_ptr + m * stride_om + cols, y.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _signs(H: tl.constexpr, dtype: tl.constexpr):
+    """(H, H) Sylvester Hadamard matrix unscaled: (-1)^popcount(i & j), exact in any float type."""
+    offs = tl.arange(0, H)
+    v = offs[:, None] & offs[None, :]
+    v ^= v >> 16
+    v ^= v >> 8
+    v ^= v >> 4
+    v ^= v >> 2
+    v ^= v >> 1
+    return (1 - 2 * (v & 1)).to(dtype)
+
+
+@triton.jit
+def rotate_rows_kernel(x_ptr, out_ptr, R, scale, H: tl.constexpr, BR: tl.constexpr, PDL: tl.constexpr):
+    """x viewed as R blocks of H -> out = scale * x @ S (S: _signs, scale 1/sqrt(H)): the block Hadamard
+    rotation of many rows (a prompt's activations) as one tensor-core product per BR blocks, fp16/bf16 inputs
+    (S is exact in them) with fp32 sums, rounded once like the fp32 reference (block_hadamard)."""
+    pdl.launch_dependents(PDL)
+    sign = _signs(H, x_ptr.dtype.element_ty)
+    pdl.wait(PDL)
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    offs = rows[:, None].to(tl.int64) * H + tl.arange(0, H)[None, :]
+    mask = (rows < R)[:, None]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    y = tl.dot(x, sign, out_dtype=tl.float32) * scale
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -497,9 +539,9 @@ def gather_kernel(x_ptr, idx_ptr, out_ptr, K, stride_xm, stride_om, BK: tl.const
     """out[m, k] = x[m, idx[k]] for the BK inputs of program_id(1): a few rows of activations put in a matrix's
     permuted input order once, instead of every program of the matmul gathering them again."""
     pdl.launch_dependents(PDL)
-    pdl.wait(PDL)
     m = tl.program_id(0)
     offs = tl.program_id(1) * BK + tl.arange(0, BK)
     mask = offs < K
-    src = tl.load(idx_ptr + offs, mask=mask, other=0)
+    src = tl.load(idx_ptr + offs, mask=mask, other=0)  # never written: read before the wait
+    pdl.wait(PDL)
     tl.store(out_ptr + m * stride_om + offs, tl.load(x_ptr + m * stride_xm + src, mask=mask), mask=mask)

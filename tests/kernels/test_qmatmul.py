@@ -186,6 +186,11 @@ def test_dequantize_permuted_every_width(programs, cfg, dtype):
     assert w.shape == (K, N) and w.data_ptr() == buf.data_ptr()
     same(w, ref)
     assert buf[K * N:].isnan().all()
+    # unpermute (the prompt's path): rows stored back in input order, so x needs no gather
+    buf.fill_(float("nan"))
+    w = dequantize_permuted(qt, make_plan(qt), dtype, out=buf, programs=programs, unpermute=True, **cfg)
+    same(w, dequantize(qt).to(DEV).T)
+    assert buf[K * N:].isnan().all()
 
     sym = make_qt([(128, 4, 64), (64, 2, 32), (64, 8, 64)], 72, seed=6)  # symmetric: the constant zero point
     same(dequantize_permuted(sym, make_plan(sym), dtype, programs=programs, **cfg), dequantize(sym).to(DEV).T)
@@ -212,6 +217,41 @@ def test_rotate_kernel_matches_block_hadamard(h):
     inv[perm.long()] = torch.arange(4 * h, dtype=perm.dtype, device=DEV)
     assert torch.equal(rotate(x, h, inv), out[:, perm.long()])
     assert torch.equal(rotate(x.repeat(12, 1), h, inv), block_hadamard(x.repeat(12, 1), h)[:, perm.long()])  # torch
+
+
+def rotate_rows_check(h, dtype, rows):
+    """rotate_rows (the prompt's rotation: one tensor-core product with the +-1 matrix per block of rows, fp32
+    sums, scaled, rounded once) against the exact rotation (float64), with the bound the fp32 reference
+    (block_hadamard) meets too: half a unit in the last place for the one rounding, plus h fp32 roundings of
+    the block's summed magnitudes (rows whose sizes span four orders of magnitude, with sums that cancel far
+    below their terms; the row count not a multiple of the kernel's block)."""
+    from ember.kernels.qmatmul import rotate_rows
+
+    gen = torch.Generator().manual_seed(h)
+    x = (torch.randn(rows, 6 * h, generator=gen) * torch.logspace(-2, 2, rows)[:, None]).to(DEV).to(dtype)
+    exact = block_hadamard(x.double(), h)
+    mag = (x.double().abs().view(rows, -1, h).sum(-1, keepdim=True) / h ** 0.5).expand(-1, -1, h).reshape(rows, -1)
+    half_ulp = 2.0 ** (-11 if dtype == torch.float16 else -8)
+    bound = exact.abs() * half_ulp + mag * h * 2.0 ** -23 + 2.0 ** -25
+    out = rotate_rows(x, h)
+    assert out.dtype == dtype and out.shape == x.shape
+    for name, y in (("rotate_rows", out), ("block_hadamard", block_hadamard(x, h))):
+        err = (y.double() - exact).abs()
+        bad = err > bound
+        assert not bad.any(), f"{name}: {int(bad.sum())} values past the bound, worst {(err / bound).max():.2f}x"
+
+
+@pytest.mark.parametrize("h", [16, 128])
+def test_rotate_rows_matches_block_hadamard(h):
+    rotate_rows_check(h, torch.float16, 37)  # bf16: GPU only (rotate_rows)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("h", [16, 128])
+def test_gpu_rotate_rows_matches_block_hadamard(h, dtype):
+    rotate_rows_check(h, dtype, 700)
 
 
 @pytest.mark.parametrize("K", [64, 1500])
