@@ -3,7 +3,7 @@
 #
 #   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [stages] [stagetable] [base] [ab] [async] [bench8b] [quick] [full] [exl2]
 #                        [attn] [gptq8b] [bench70b] [ember70b] [bpw] [batch] [pdl] [profile] [gprofile] [sweep] [prefillgemm] [overlap] [fp8]
-#                        [gemvfixed] [gemvdecode] [tests]
+#                        [gemvfixed] [gemvdecode] [pprofile] [tests]
 #   (default: tests bench8b exl2). Run it under `timeout N` to fit a device call: timeout signals the whole
 #   process group, and on TERM the script stops what it started and still packs $OUT for the return trip.
 # smoke: the engine / model / attention GPU tests first; qtests: the one-row, mixed-width and epilogue
@@ -30,7 +30,8 @@
 #   --fp8-prefill (the prompt's matmuls on fp8 tensor cores); gemvfixed: the batch-1 GEMV's fixed cost per launch
 #   and streaming rate, once per arm of FIXED_ARGS (scripts/probe_gemv_fixed.py); quick / qtable run their
 #   table once per QUICK_ARMS entry (alone, or after bench8b's bandwidth; QUICK_ARGS: more bench_qmatmul.py arguments); gemvdecode: each matmul's time inside the decode step, per shape and width
-#   (scripts/gemv_in_decode.py, GEMVDEC_WIDTHS).
+#   (scripts/gemv_in_decode.py, GEMVDEC_WIDTHS); pprofile: one prefill's GPU time by kernel, the synthetic
+#   and the act-order layout (scripts/profile_prefill.py, PPROFILE_ARMS).
 #   qtests takes QTEST_K (a pytest -k) and QTEST_TIMEOUT.
 #   (`core` and `noqm` are accepted for the commands of earlier rounds: core = without full, noqm = no table;
 #   nogptq: bench8b without ember's run of the GPTQ folder.)
@@ -205,9 +206,15 @@ fi
 if has gprofile; then  # the decode step as the engine replays it (graph, PDL): scripts/profile_graph.py, per arm
   for arm in ${PROFILE_ARMS:-default}; do
     log "graph timeline, arm $arm"; f="$OUT/profile_graph_${arm//[=,]/_}.txt"
-    [ "$arm" = default ] && arm=
-    env ${arm//,/ } python3 scripts/profile_graph.py llama3-8b ${AB_BPW:-4.0} 8 512 > "$f" 2>&1
+    a=$(sed -n 's/.*ACT=\(1\).*/\1/p' <<< "$arm"); [ "$arm" = default ] && arm=
+    env ${arm//,/ } python3 scripts/profile_graph.py llama3-8b ${AB_BPW:-4.0} 8 512 ${a:+act} > "$f" 2>&1
     grep -E "kernels a step|layers add|^ *[0-9]+ +[0-9.]+ +[-0-9.]+ +[-0-9.]+  " "$f" | head -24
+  done
+fi
+if has pprofile; then  # one eager prefill's GPU time by kernel (scripts/profile_prefill.py), per PPROFILE_ARMS entry
+  for arm in ${PPROFILE_ARMS:-plain act}; do  # plain: the synthetic layout; act: the converter's (--act-order)
+    log "prefill kernels, $arm"
+    python3 scripts/profile_prefill.py llama3-8b ${AB_BPW:-4.0} 512 $arm 2>&1 | grep -v Warn | tee "$OUT/profile_prefill_$arm.txt" | head -12
   done
 fi
 if has sweep; then

@@ -1,7 +1,9 @@
 """Timeline of one batch-1 decode step as the engine runs it (CUDA graph, PDL), from the torch profiler's
 kernel records: where each kernel starts and ends, and how much each one adds to the step.
 
-  PYTHONPATH=. python3 scripts/profile_graph.py [llama3-8b] [4.0] [head bits 8] [prompt 512]
+  PYTHONPATH=. python3 scripts/profile_graph.py [llama3-8b] [4.0] [head bits 8] [prompt 512] [act]
+
+(act: the converter's act-order layout, ember bench --act-order.)
 
 scripts/profile_decode.py times kernels launched one by one (eager), which hides the overlap that PDL gives
 and the gaps a graph still has. Here "adds" is end(i) - end(i - 1): summed over a step it is the step's
@@ -20,11 +22,11 @@ from ember.forward_batch import ForwardBatch
 
 
 def profiled_steps(name: str, bpw: float, head_bits: int, prompt_len: int, use_graphs: bool, warm: int,
-                   steps: int):
+                   steps: int, act_order: bool = False):
     """A synthetic model prefilled with a random prompt (64-token pages), `warm` batch-1 greedy decode steps,
     then `steps` more under the torch profiler (CUDA activity) -> (model, kv, pages, prompt, profile)."""
     dev = torch.device("cuda")
-    model = build_synthetic(name, bpw, head_bits, dev, max_positions=prompt_len + 512)
+    model = build_synthetic(name, bpw, head_bits, dev, max_positions=prompt_len + 512, act_order=act_order)
     page = 64
     n_pages = (prompt_len + 256) // page + 1
     kv = KVCache(model.config, n_pages + 1, page, torch.float16, dev)
@@ -98,8 +100,9 @@ def main() -> None:
     bpw = float(sys.argv[2]) if len(sys.argv) > 2 else 4.0
     head_bits = int(sys.argv[3]) if len(sys.argv) > 3 else 8
     prompt_len = int(sys.argv[4]) if len(sys.argv) > 4 else 512
+    act = len(sys.argv) > 5 and sys.argv[5] == "act"
     steps = 8
-    t = step_table(profiled_steps(name, bpw, head_bits, prompt_len, True, 5, steps)[-1], steps)
+    t = step_table(profiled_steps(name, bpw, head_bits, prompt_len, True, 5, steps, act)[-1], steps)
     names, D, A, G, per, period = t["names"], t["D"], t["A"], t["G"], t["per"], t["period"]
     print(f"{name} {bpw} bpw, head {head_bits} bits, prompt {prompt_len}: {per} kernels a step; "
           f"step period {t['step_period']:.1f} us, first start -> last end {t['busy']:.1f} us, summed durations "
