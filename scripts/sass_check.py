@@ -29,7 +29,7 @@ SIGNATURE = {
     "out_ptr": "*fp16", "buf_ptr": "*fp32", "ibuf_ptr": "*i32", "cnt_ptr": "*i32", "M": "i32", "N": "i32",
     "stride_xm": "i32", "stride_om": "i32", "ones": "i32", "ss_in_ptr": "*fp32", "eps": "fp32",
     "res_ptr": "*fp16", "stride_rm": "i32", "gamma_ptr": "*fp16", "ss_out_ptr": "*fp32",
-    "u_tiles": "i32", "u_kt": "i32", "u_g": "i32", "u_bits": "i32", "dst_ptr": "*i32", "rot_scale": "fp32",
+    "u_tiles": "i32", "u_kt": "i32", "u_g": "i32", "u_bits": "i32",
 }
 # what the JIT assumes of tensors and of ints divisible by 16 (pointers, N, strides)
 ALIGNED = [i for i, n in enumerate(SIGNATURE) if SIGNATURE[n].startswith("*") or n in ("N", "stride_xm",
@@ -42,8 +42,7 @@ def compile_kernel(args) -> tuple[str, str, str, int]:
     const = dict(BM=16 if args.dot else 1, BN=args.bn, WIDTHS=widths, USE_DOT=args.dot, HAS_ZEROS=args.zeros,
                  HAS_PERM=args.zeros, HAS_G32=args.zeros, ATOMIC=True, DOT_DT=tl.float16, PDL=args.pdl,
                  H2=0 if args.dot else args.h2, NORM_IN="norm" in epi, RESID="resid" in epi, GLU="glu" in epi,
-                 STAGES=args.stages, EVEN_N=args.even, EPI_EARLY=args.epi_early, UNIFORM=args.uniform,
-                 ROT=args.rot, HAS_DST=args.dst)
+                 STAGES=args.stages, EVEN_N=args.even, EPI_EARLY=args.epi_early, UNIFORM=args.uniform)
     sig = dict(SIGNATURE, **{k: "constexpr" for k in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in ALIGNED}
     k = triton.compile(ASTSource(fn=qmatmul_kernel, signature=sig, constexprs=const, attrs=attrs),
@@ -95,8 +94,6 @@ def main() -> None:
     p.add_argument("--epi-early", action="store_true", help="the epilogue's operands loaded before the atomics")
     p.add_argument("--uniform", action="store_true", help="one segment: split metadata computed, not read")
     p.add_argument("--maxnreg", type=int, default=0, help="register cap per thread (Triton's maxnreg; 0: none)")
-    p.add_argument("--rot", type=int, default=0, help="the store rotates the output in blocks of this size")
-    p.add_argument("--dst", action="store_true", help="the store writes the output in a permuted order")
     p.add_argument("--dump", help="also write the whole SASS to this file")
     args = p.parse_args()
     ptx, sass, res, shared = compile_kernel(args)

@@ -321,23 +321,9 @@ def _epi_early() -> bool:
     return os.environ.get("EMBER_EPI_EARLY", "1") != "0"
 
 
-def _reorder_fits(launch: Launch, use_dot: bool, epi: Epilogue) -> bool:
-    """Whether the kernel's store can prepare the output for the next matrix (Epilogue.rotate / perm): a
-    permutation alone always; a rotation in the one-row launch, whose column blocks (of the GLU output: half)
-    hold whole blocks of the rotation (qmatmul_store._store_out). EMBER_ROT_EPI=0: never (the output is then
-    prepared by one more launch, as the next matrix would have done)."""
-    if os.environ.get("EMBER_ROT_EPI", "1") == "0":
-        return False
-    if not epi.rotate:
-        return True
-    cols = launch.block_n // 2 if epi.glu else launch.block_n
-    return not use_dot and cols % epi.rotate == 0
-
-
 def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int, epi: Epilogue | None = None,
-                permuted: bool = False, reorder: bool = False):
-    """permuted: x2 is already in the matrix's permuted input order (the kernel reads it as it is); reorder:
-    the store prepares the output for the next matrix (epi.rotate, epi.inv_perm)."""
+                permuted: bool = False):
+    """permuted: x2 is already in the matrix's permuted input order (the kernel reads it as it is)."""
     M, N = x2.shape[0], qt.out_features
     perm = None if permuted else qt.perm
     glu = epi is not None and epi.glu
@@ -360,14 +346,11 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int,
         out2.stride(0), -1, epi.rms_in if norm_in else buf, epi.eps if epi else 0.0,
         res, res.stride(0), epi.gamma if resid else buf, epi.rms_out if resid else buf,
         *(launch.uniform or (0, 0, 0, 0)),
-        epi.inv_perm if reorder and epi.inv_perm is not None else buf,
-        1.0 / math.sqrt(epi.rotate) if reorder and epi.rotate else 1.0,
         BM=block_m, BN=launch.block_n, WIDTHS=plan.widths, USE_DOT=use_dot, HAS_ZEROS=qt.qzeros is not None,
         HAS_PERM=perm is not None, HAS_G32=plan.has_g32, ATOMIC=atomic, DOT_DT=dot_dt,
         H2=h2, NORM_IN=norm_in, RESID=resid, GLU=glu,
         STAGES=1 if use_dot else launch.num_stages, EVEN_N=_even_n(launch, N, glu),
         EPI_EARLY=atomic and (norm_in or resid) and _epi_early(), UNIFORM=launch.uniform is not None,
-        ROT=epi.rotate if reorder else 0, HAS_DST=reorder and epi.inv_perm is not None,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
         **_maxnreg(plan, use_dot, h2, perm is not None), **_pdl_kwargs(plan, x2.device, h2))
@@ -414,14 +397,6 @@ def rotate_rows(x2: torch.Tensor, h: int) -> torch.Tensor:
 def _rotate_mm_on() -> bool:
     """EMBER_ROTATE_MM=0: the many-row rotation through block_hadamard (fp32, no tensor cores); A/B runs."""
     return os.environ.get("EMBER_ROTATE_MM", "1") != "0"
-
-
-def prepare_input(x2: torch.Tensor, had: int, perm: torch.Tensor | None, inv_perm: torch.Tensor | None):
-    """x2 (M, K) rotated (had) and put in a matrix's permuted input order, as qmatmul does before its kernel:
-    one launch for a few rows."""
-    if had:
-        return rotate(x2, had, inv_perm)
-    return permute_inputs(x2, perm) if perm is not None else x2
 
 
 def permute_inputs(x2: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -483,34 +458,22 @@ def qmatmul(x: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor | None = Non
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     pick = _pick_launch(plan, M)
-    ready = epi is not None and epi.x_ready  # a producer's store already rotated and permuted x for this matrix
-    if ready and (pick is None or M > SMALL_ROWS):  # (the fused decode never asks this; kept correct anyway)
-        from ember.kernels.reference import undo_reorder
-
-        x2, ready = undo_reorder(x2, qt.had, plan.inv_perm).contiguous(), False
     # act-order matrices: a few rows of x are put in the permuted input order once (in the rotation's store
     # when there is one), so the matmul's programs read x contiguously instead of gathering it per tile
-    permuted = qt.perm is not None and pick is not None and M <= SMALL_ROWS and (ready or _preperm_on())
-    if ready:
-        pass
-    elif qt.had:
+    permuted = qt.perm is not None and pick is not None and M <= SMALL_ROWS and _preperm_on()
+    if qt.had:
         x2 = rotate(x2, qt.had, plan.inv_perm if permuted else None)
     elif permuted:
         x2 = permute_inputs(x2, qt.perm)
     fused = epi is not None and pick is not None and qt.bias is None and (not epi.glu or _glu_fits(pick[0], N))
-    reorder = fused and epi.reorders and _reorder_fits(pick[0], pick[1], epi)
-    after = fused and epi.reorders and not reorder  # prepared for the next matrix by one more launch
     width = N // 2 if epi is not None and epi.glu else N  # of the returned tensor
     given = out
-    if out is None or (epi is not None and not fused) or after:  # the plain product (or unprepared output) first
+    if out is None or (epi is not None and not fused):  # unfused epilogue: the plain product first
         out = torch.empty((*x.shape[:-1], width if fused else N), dtype=x.dtype, device=x.device)
     out2 = out.view(M, -1)
     if pick is not None:
         launch, use_dot, block_m = pick
-        _run_kernel(x2, qt, plan, launch, out2, use_dot, block_m, epi if fused else None, permuted, reorder)
-        if after:
-            y = prepare_input(out2, epi.rotate, epi.perm, epi.inv_perm).view(*x.shape[:-1], width)
-            return y if given is None else given.copy_(y)
+        _run_kernel(x2, qt, plan, launch, out2, use_dot, block_m, epi if fused else None, permuted)
     elif plan.fp8 is not None:
         qmatmul_fp8(x2, qt, plan.fp8, out2)
     else:

@@ -370,13 +370,12 @@ def _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta
 @triton.jit
 def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_ptr, ibuf_ptr, cnt_ptr, M, N,
                    stride_xm, stride_om, ones, ss_in_ptr, eps, res_ptr, stride_rm, gamma_ptr, ss_out_ptr,
-                   u_tiles, u_kt, u_g, u_bits, dst_ptr, rot_scale,
+                   u_tiles, u_kt, u_g, u_bits,
                    BM: tl.constexpr, BN: tl.constexpr, WIDTHS: tl.constexpr, USE_DOT: tl.constexpr,
                    HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, ATOMIC: tl.constexpr,
                    DOT_DT: tl.constexpr, PDL: tl.constexpr, H2: tl.constexpr, NORM_IN: tl.constexpr,
                    RESID: tl.constexpr, GLU: tl.constexpr, STAGES: tl.constexpr = 1, EVEN_N: tl.constexpr = False,
-                   EPI_EARLY: tl.constexpr = False, UNIFORM: tl.constexpr = False, ROT: tl.constexpr = 0,
-                   HAS_DST: tl.constexpr = False):
+                   EPI_EARLY: tl.constexpr = False, UNIFORM: tl.constexpr = False):
     """out (M, N) = x (M, K) @ Wq^T; program_id(1) = split. WIDTHS: bit b set when width b occurs, so a
     matrix of one width compiles one loop, a mixed one a runtime branch per width present.
     PDL (pdl.py): 0 off; 1 wait at the start; 2: the one-row path waits after loading its first tile.
@@ -386,9 +385,7 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
     EVEN_N: every program's BN columns exist (no column masks: fewer predicated loads and zero fills).
     EPI_EARLY: the epilogue's operands are loaded before the split-K atomics (qmatmul_store.store_tile).
     UNIFORM: one segment of width u_bits covers K; the splits are u_tiles blocks of 64 each (u_kt in all), group
-    size u_g, and the metadata table is not read (_split_fields).
-    ROT / HAS_DST (with RESID or GLU): the output prepared for the next matrix's input, rotated in blocks of ROT
-    (one row) and stored in its permuted order through dst_ptr (qmatmul_store._store_out)."""
+    size u_g, and the metadata table is not read (_split_fields)."""
     pdl.launch_dependents(PDL)
     if USE_DOT or PDL == 1:
         pdl.wait(PDL)
@@ -439,8 +436,8 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
                          ones, BM, BN, 8, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM)
     pdl.wait(PDL)  # a no-op after the first: covers every path before the first global write
     store_tile(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mask, offs_n, n_mask, N,
-               ss_in_ptr, eps, res_ptr, stride_rm, gamma_ptr, ss_out_ptr, dst_ptr, rot_scale, BM, BN, ATOMIC,
-               NORM_IN, RESID, GLU, EPI_EARLY, ROT, HAS_DST)
+               ss_in_ptr, eps, res_ptr, stride_rm, gamma_ptr, ss_out_ptr, BM, BN, ATOMIC, NORM_IN, RESID, GLU,
+               EPI_EARLY)
 
 
 @triton.jit

@@ -27,57 +27,16 @@ def _operands(offs_m, m_mask, offs_n, n_mask, ss_in_ptr, res_ptr, stride_rm, gam
 
 
 @triton.jit
-def _store_out(v, cols, col_mask, offs_m, m_mask, out_ptr, stride_om, dst_ptr, rot_scale, C,
-               BM: tl.constexpr, BC: tl.constexpr, ROT: tl.constexpr, HAS_DST: tl.constexpr):
-    """Store v (BM, BC) fp32, the output's columns cols (BC,) (contiguous, C of them in all), rounded to the
-    output dtype, for the next matrix's input (Epilogue.rotate / inv_perm): ROT > 0 (one row, BM == 1; BC and
-    the first column multiples of ROT): each block of ROT columns times the Sylvester matrix and rot_scale
-    (1/sqrt(ROT)), in chunks of 16 output lanes so the products stay in registers; HAS_DST: column c is stored
-    at dst[c] (the next matrix's permuted input order)."""
-    dt = out_ptr.dtype.element_ty
-    if ROT > 0:
-        NB: tl.constexpr = BC // ROT
-        BJ: tl.constexpr = 16 if ROT > 16 else ROT  # noqa: FURB136 (constexpr arithmetic)
-        yb = tl.reshape(v, (NB, ROT))
-        start = tl.min(tl.reshape(cols, (NB, ROT)), axis=1)  # (NB,) first column of each block
-        row = tl.sum(offs_m)  # BM == 1: the launch has one program row per input row, so it is live
-        offs_i = tl.arange(0, ROT)
-        for jb in tl.static_range(ROT // BJ):
-            offs_j = jb * BJ + tl.arange(0, BJ)
-            p = offs_i[:, None] & offs_j[None, :]  # (ROT, BJ): the parity of the common bits is the sign
-            p ^= p >> 16
-            p ^= p >> 8
-            p ^= p >> 4
-            p ^= p >> 2
-            p ^= p >> 1
-            sign = (1 - 2 * (p & 1)).to(tl.float32)
-            o = tl.sum(yb[:, :, None] * sign[None, :, :], axis=1) * rot_scale  # (NB, BJ)
-            c = start[:, None] + offs_j[None, :]
-            cm = c < C
-            if HAS_DST:
-                c = tl.load(dst_ptr + c, mask=cm, other=0)
-            tl.store(out_ptr + row * stride_om + c, o.to(dt), mask=cm)
-    else:
-        c = cols
-        if HAS_DST:
-            c = tl.load(dst_ptr + cols, mask=col_mask, other=0)
-        tl.store(out_ptr + offs_m[:, None] * stride_om + c[None, :], v.to(dt),
-                 mask=m_mask[:, None] & col_mask[None, :])
-
-
-@triton.jit
 def _finish(y, offs_m, m_mask, offs_n, n_mask, N, out_ptr, stride_om, ss_in_ptr, eps, res_ptr, stride_rm,
-            gamma_ptr, ss_out_ptr, ss, res, gamma, dst_ptr, rot_scale, BM: tl.constexpr, BN: tl.constexpr,
-            NORM_IN: tl.constexpr, RESID: tl.constexpr, GLU: tl.constexpr, LOADED: tl.constexpr,
-            ROT: tl.constexpr = 0, HAS_DST: tl.constexpr = False):
+            gamma_ptr, ss_out_ptr, ss, res, gamma, BM: tl.constexpr, BN: tl.constexpr, NORM_IN: tl.constexpr,
+            RESID: tl.constexpr, GLU: tl.constexpr, LOADED: tl.constexpr):
     """Store the finished (BM, BN) fp32 sums y of a tile, with the steps of kernels/epilogue.py (LOADED: ss,
     res, gamma are `_operands`' loads, else they are loaded here, each where it is first needed):
     NORM_IN: x was h * gamma of un-normalized rows h: times the RMSNorm's 1/rms = rsqrt(mean(h^2) + eps);
     then y is rounded to the output dtype, as the unfused path stores it;
     RESID: h = y + residual is written back to the residual, the output is h * gamma (the next RMSNorm's
     weight) and mean(h^2) per row is accumulated into ss_out;
-    GLU: the tile is [gate | up] halves (qmatmul_kernel), the output silu(gate) * up, BN/2 columns;
-    RESID and GLU outputs go through _store_out (ROT, HAS_DST: prepared for the next matrix's input)."""
+    GLU: the tile is [gate | up] halves (qmatmul_kernel), the output silu(gate) * up, BN/2 columns."""
     dt = out_ptr.dtype.element_ty
     if NORM_IN:
         if not LOADED:
@@ -90,8 +49,8 @@ def _finish(y, offs_m, m_mask, offs_n, n_mask, N, out_ptr, stride_om, ss_in_ptr,
         gate, up = tl.split(tl.permute(tl.reshape(y, (BM, 2, BN // 2)), (0, 2, 1)))
         cols = tl.program_id(0) * (BN // 2) + tl.arange(0, BN // 2)
         act = gate / (1.0 + tl.exp(-gate)) * up
-        _store_out(act, cols, cols < N // 2, offs_m, m_mask, out_ptr, stride_om, dst_ptr, rot_scale, N // 2,
-                   BM, BN // 2, ROT, HAS_DST)
+        tl.store(out_ptr + offs_m[:, None] * stride_om + cols[None, :], act.to(dt),
+                 mask=m_mask[:, None] & (cols < N // 2)[None, :])
     elif RESID:
         res_ptrs = res_ptr + offs_m[:, None] * stride_rm + offs_n[None, :]
         if not LOADED:
@@ -102,17 +61,16 @@ def _finish(y, offs_m, m_mask, offs_n, n_mask, N, out_ptr, stride_om, ss_in_ptr,
         tl.atomic_add(ss_out_ptr + offs_m, tl.sum(hf * hf, axis=1) / N, mask=m_mask, sem="relaxed")
         if not LOADED:
             gamma = tl.load(gamma_ptr + offs_n, mask=n_mask, other=0.0)
-        _store_out(hf * gamma.to(tl.float32)[None, :], offs_n, n_mask, offs_m, m_mask, out_ptr, stride_om, dst_ptr,
-                   rot_scale, N, BM, BN, ROT, HAS_DST)
+        tl.store(out_ptrs, (hf * gamma.to(tl.float32)[None, :]).to(dt), mask=mask)
     else:
         tl.store(out_ptrs, y.to(dt), mask=mask)
 
 
 @triton.jit
 def store_tile(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mask, offs_n, n_mask, N,
-               ss_in_ptr, eps, res_ptr, stride_rm, gamma_ptr, ss_out_ptr, dst_ptr, rot_scale, BM: tl.constexpr,
-               BN: tl.constexpr, ATOMIC: tl.constexpr, NORM_IN: tl.constexpr, RESID: tl.constexpr, GLU: tl.constexpr,
-               EPI_EARLY: tl.constexpr = False, ROT: tl.constexpr = 0, HAS_DST: tl.constexpr = False):
+               ss_in_ptr, eps, res_ptr, stride_rm, gamma_ptr, ss_out_ptr, BM: tl.constexpr, BN: tl.constexpr,
+               ATOMIC: tl.constexpr, NORM_IN: tl.constexpr, RESID: tl.constexpr, GLU: tl.constexpr,
+               EPI_EARLY: tl.constexpr = False):
     """acc (BM, BN): this program's partial sums (ATOMIC: one of several K splits) -> the stored tile.
     EPI_EARLY (ATOMIC): every program loads the epilogue's operands before its atomics, so that the last one
     has them when the sums are complete instead of waiting one more round trip then."""
@@ -133,10 +91,8 @@ def store_tile(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_ma
             if not EPI_EARLY:
                 ss, res, gamma = 0.0, 0.0, 0.0  # loaded by _finish
             _finish(total, offs_m, m_mask, offs_n, n_mask, N, out_ptr, stride_om, ss_in_ptr, eps, res_ptr,
-                    stride_rm, gamma_ptr, ss_out_ptr, ss, res, gamma, dst_ptr, rot_scale, BM, BN, NORM_IN, RESID,
-                    GLU, EPI_EARLY, ROT, HAS_DST)
+                    stride_rm, gamma_ptr, ss_out_ptr, ss, res, gamma, BM, BN, NORM_IN, RESID, GLU, EPI_EARLY)
             tl.atomic_xchg(cnt, 0, sem="relaxed")
     else:
         _finish(acc, offs_m, m_mask, offs_n, n_mask, N, out_ptr, stride_om, ss_in_ptr, eps, res_ptr, stride_rm,
-                gamma_ptr, ss_out_ptr, 0.0, 0.0, 0.0, dst_ptr, rot_scale, BM, BN, NORM_IN, RESID, GLU, False, ROT,
-                HAS_DST)
+                gamma_ptr, ss_out_ptr, 0.0, 0.0, 0.0, BM, BN, NORM_IN, RESID, GLU, False)

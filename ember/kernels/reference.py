@@ -37,35 +37,13 @@ def matmul_epilogue(y: torch.Tensor, epi, dtype: torch.dtype) -> torch.Tensor:
         y = y * torch.rsqrt(epi.rms_in + epi.eps)[:, None]
     y = y.to(dtype)
     if epi.glu:
-        out = silu_and_mul(y.float())  # (kept in fp32 until the one rounding below)
-    elif epi.residual is None:
-        out = y.float()
-    else:
-        h = (y.float() + epi.residual.float()).to(dtype)
-        epi.residual.copy_(h)
-        epi.rms_out.add_(h.float().pow(2).mean(-1))  # in place (Epilogue is frozen)
-        out = h.float() * epi.gamma.float()
-    return reorder_for_next(out, epi).to(dtype)
-
-
-def reorder_for_next(v: torch.Tensor, epi) -> torch.Tensor:
-    """v (M, C) -> v rotated (epi.rotate) and permuted (epi.perm) for the next matrix's input, unchanged when
-    the epilogue asks for neither."""
-    from ember.quant.hadamard import block_hadamard
-
-    if epi.rotate:
-        v = block_hadamard(v, epi.rotate)
-    return v[:, epi.perm.long()] if epi.perm is not None else v
-
-
-def undo_reorder(x: torch.Tensor, had: int, inv_perm: torch.Tensor | None) -> torch.Tensor:
-    """The inverse of reorder_for_next for a matrix of rotation `had` and permutation inverse `inv_perm`: the
-    input x a producer prepared (x_ready) back in the matrix's original input space."""
-    from ember.quant.hadamard import block_hadamard
-
-    if inv_perm is not None:
-        x = x[:, inv_perm.long()]
-    return block_hadamard(x, had) if had else x
+        return silu_and_mul(y)
+    if epi.residual is None:
+        return y
+    h = (y.float() + epi.residual.float()).to(dtype)
+    epi.residual.copy_(h)
+    epi.rms_out.add_(h.float().pow(2).mean(-1))  # in place (Epilogue is frozen)
+    return (h.float() * epi.gamma.float()).to(dtype)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):

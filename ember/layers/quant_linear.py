@@ -6,8 +6,6 @@ launch plan built once (call `prepare()` before capturing CUDA graphs). Elsewher
 bytes)."""
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -46,20 +44,6 @@ class QuantLinear(nn.Module):
 
             self._plan = make_plan(self.qt, fp8=self.fp8_prefill)
 
-    def input_layout(self) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
-        """(rotation block, permutation, its inverse) of this matrix's input, for a producer's epilogue to
-        write its output in (kernels/epilogue.Epilogue.rotate / perm / inv_perm); (0, None, None) when the input
-        is used as it is. Builds the plan (call before capturing CUDA graphs)."""
-        inv = None
-        if self.perm is not None:
-            if self.qweight.is_cuda:
-                self.prepare()
-                inv = self._plan.inv_perm
-            else:
-                inv = torch.empty_like(self.perm)
-                inv[self.perm.long()] = torch.arange(self.in_features, dtype=self.perm.dtype)
-        return self.had, self.perm, inv
-
     def takes_rounded_input(self, rows: int, dtype: torch.dtype) -> bool:
         """Whether `rows` rows of input would run on the FP8 path, so a producer may hand them over already
         rounded to e4m3 (forward_rounded): CUDA, 16-bit activations, no input rotation."""
@@ -92,10 +76,6 @@ class QuantLinear(nn.Module):
         w = self._dense.get(x.dtype)
         if w is None:
             w = self._dense[x.dtype] = dequantize(self.qt, x.dtype)  # (N, K)
-        if epi is not None and epi.x_ready:  # prepared by the producer: back to the input's own space
-            from ember.kernels.reference import undo_reorder
-
-            x = undo_reorder(x, self.had, self.input_layout()[2]).to(x.dtype)
         y = x @ w.T
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -121,16 +101,3 @@ def set_fp8_prefill(model: nn.Module, on: bool) -> tuple[int, int]:
             able += fp8_reason(m.qt) is None
             m.fp8_prefill, m._plan = on, None
     return able, total
-
-
-def next_input(lin) -> dict:
-    """Epilogue fields (kernels/epilogue.py: rotate, perm, inv_perm) that make a producer's store write its
-    output as linear `lin` reads it: rotated and in its permuted input order; {} when `lin` takes its input
-    as it is, is not quantized, or EMBER_PREPERM=0 (then every matrix prepares its own input, for A/B runs).
-    The fused decode layer (models/llama.py) passes them, then calls `lin` with x_ready."""
-    if not isinstance(lin, QuantLinear) or (not lin.had and lin.perm is None):
-        return {}
-    if os.environ.get("EMBER_PREPERM", "1") == "0":
-        return {}
-    had, perm, inv = lin.input_layout()
-    return {"rotate": had, "perm": perm, "inv_perm": inv}

@@ -14,7 +14,6 @@ from ember.layers.embedding import Embedding
 from ember.layers.linear import Linear
 from ember.layers.mlp import MLP
 from ember.layers.norm import RMSNorm
-from ember.layers.quant_linear import next_input
 from ember.layers.rope import RotaryEmbedding
 
 
@@ -36,26 +35,17 @@ class DecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
-    def forward_fused(self, x, h, batch: ForwardBatch, kv, ss: torch.Tensor, i: int, next_norm: RMSNorm,
-                      next_proj=None):
+    def forward_fused(self, x, h, batch: ForwardBatch, kv, ss: torch.Tensor, i: int, next_norm: RMSNorm):
         """The same layer with its norms, residual adds and SiLU folded into the quantized projections'
         stores (kernels/epilogue.py). h (T, H): the residual stream, updated in place. x (T, H): the input
-        norm's output for layer 0, else h * input_layernorm.weight with mean(h^2) in ss[2i], prepared for
-        qkv_proj (rotated, permuted: quant_linear.next_input) when the previous layer was given it as
-        next_proj. ss (2L+1, T) fp32, zero on entry. Returns h * next_norm.weight, prepared for next_proj
-        when given; its mean squares go to ss[2i+2]. Each store prepares its output for the matrix that
-        reads it, so an act-order matrix spends no launch of its own on rotating or permuting its input."""
+        norm's output for layer 0, else h * input_layernorm.weight with mean(h^2) in ss[2i]. ss (2L+1, T)
+        fp32, zero on entry. Returns h * next_norm.weight; its mean squares go to ss[2i+2]."""
         eps = self.input_layernorm.eps
         mid = self.post_attention_layernorm
-        attn, mlp = self.self_attn, self.mlp
-        to_gate_up, to_down = next_input(mlp.gate_up_proj), next_input(mlp.down_proj)
-        x = attn(x, batch, kv, epi_in=Epilogue(rms_in=ss[2 * i], eps=eps, x_ready=bool(next_input(attn.qkv_proj)))
-                 if i > 0 else None,
-                 epi_out=Epilogue(residual=h, gamma=mid.weight, rms_out=ss[2 * i + 1], **to_gate_up))
-        return mlp(x, epi_in=Epilogue(rms_in=ss[2 * i + 1], eps=mid.eps, glu=True, x_ready=bool(to_gate_up),
-                                      **to_down),
-                   epi_out=Epilogue(residual=h, gamma=next_norm.weight, rms_out=ss[2 * i + 2], x_ready=bool(to_down),
-                                    **(next_input(next_proj) if next_proj is not None else {})))
+        x = self.self_attn(x, batch, kv, epi_in=Epilogue(rms_in=ss[2 * i], eps=eps) if i > 0 else None,
+                           epi_out=Epilogue(residual=h, gamma=mid.weight, rms_out=ss[2 * i + 1]))
+        return self.mlp(x, epi_in=Epilogue(rms_in=ss[2 * i + 1], eps=mid.eps, glu=True),
+                        epi_out=Epilogue(residual=h, gamma=next_norm.weight, rms_out=ss[2 * i + 2]))
 
 
 FUSED_MAX_ROWS = 32  # the quantized matmul's kernel paths up to here (qmatmul.SMALL_ROWS): decode batches
@@ -100,9 +90,8 @@ class LlamaModel(nn.Module):
         ss = torch.zeros((2 * n + 1, h.shape[0]), dtype=torch.float32, device=h.device)  # mean(h^2) per norm
         x = self.layers[0].input_layernorm(h)
         for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
-            last = i + 1 == n
-            nxt = self.norm if last else self.layers[i + 1].input_layernorm
-            x = layer.forward_fused(x, h, batch, kv, ss, i, nxt, None if last else self.layers[i + 1].self_attn.qkv_proj)
+            nxt = self.layers[i + 1].input_layernorm if i + 1 < n else self.norm
+            x = layer.forward_fused(x, h, batch, kv, ss, i, nxt)
         return self.norm(h)
 
 

@@ -157,55 +157,6 @@ def test_fused_epilogue(kind, M, early, monkeypatch):
                    monkeypatch=monkeypatch)
 
 
-@pytest.mark.parametrize("rot,perm", [(16, True), (32, True), (32, False), (0, True)],
-                         ids=["rot16_perm", "rot32_perm", "rot32", "perm"])
-@pytest.mark.parametrize("kind", ["resid", "norm_glu"])
-@pytest.mark.parametrize("M", [1, 3])
-def test_fused_epilogue_prepares_next_input(kind, M, rot, perm, monkeypatch):
-    """The store writes its output as the next matrix reads it (Epilogue.rotate / perm: the fused decode's act-
-    order matrices): rotated in blocks and in that matrix's permuted input order, against the reference
-    epilogue then block_hadamard and the gather. One row: in the kernel's store (blocks of 16 and 32 in 32- and
-    64-column programs: several blocks, several 16-lane chunks; the extra launch is made to fail); three rows:
-    the plain store, then one launch (prepare_input). The next matrix reading it with x_ready gives the product
-    of the unprepared output."""
-    import ember.kernels.qmatmul as Q
-    from ember.kernels import reference
-
-    glu = kind.endswith("glu")
-    N = 128 if glu else 64
-    C = N // 2 if glu else N  # the output's width: the next matrix's K
-    qt = make_qt([(128, 4, 64)], N, asym=True, use_perm=True, seed=M + rot)
-    nxt = make_qt([(C, 4, 32)], 24, asym=True, use_perm=perm, had=rot, seed=9)
-    nplan = make_plan(nxt)
-    gen = torch.Generator().manual_seed(rot)
-    x = torch.randn(M, 128, generator=gen).to(DEV).half()
-    kw = {}
-    if glu:
-        kw = dict(rms_in=(x.float().pow(2).mean(-1) + 1).to(DEV), eps=1e-5, glu=True)
-    else:
-        kw = dict(residual=torch.randn(M, N, generator=gen).to(DEV).half(),
-                  gamma=(torch.rand(N, generator=gen) + 0.5).to(DEV).half(), rms_out=torch.zeros(M, device=DEV))
-    res0 = kw["residual"].clone() if not glu else None
-    cfg = {"gemv": (64 if glu else 32, 1, 1, 8), "small": (32, 1, 2, 4)}
-    if M == 1:
-        monkeypatch.setattr(Q, "prepare_input", lambda *a: pytest.fail("the store did not prepare the output"))
-    epi = Epilogue(rotate=rot, perm=nxt.perm if perm else None, inv_perm=nplan.inv_perm if perm else None, **kw)
-    out = qmatmul(x, qt, plan=make_plan(qt, 1, configs=cfg), epi=epi)
-    if not glu:
-        kw["residual"].copy_(res0)
-        kw["rms_out"].zero_()
-    plain = reference.matmul_epilogue(x.float() @ dequantize(qt).to(DEV).T, Epilogue(**kw), torch.float16)
-    want = reference.reorder_for_next(plain.float(), epi)
-    assert out.shape == (M, C)
-    err = (out.float() - want).norm() / want.norm()
-    assert err < 3e-3, f"prepared output: rel err {err:.2e}"
-    # the next matrix on the prepared input (x_ready) against the plain output through its own path
-    y = qmatmul(out, nxt, plan=nplan, epi=Epilogue(x_ready=True))
-    ref = qmatmul(plain, nxt, plan=nplan)
-    err = (y.float() - ref.float()).norm() / ref.float().norm()
-    assert err < 1e-2, f"next matrix on the prepared input: rel err {err:.2e}"
-
-
 @pytest.mark.parametrize("case", ["many_rows", "glu_halves_do_not_fit", "bias"])
 def test_fused_epilogue_fallbacks(case):
     """Where the kernel cannot fold it (dequantize + cuBLAS rows, I not a multiple of BN/2, a bias), the
