@@ -152,19 +152,21 @@ def test_async_decode_streams_the_same_tokens_on_cuda(monkeypatch):
     assert tokens() == plain
 
 
-def _quantized_tiny():
-    """Widths that let every fused epilogue run in the kernels (I a multiple of the column blocks)."""
+def _quantized_tiny(act_order: bool = False):
+    """Widths that let every fused epilogue run in the kernels (I a multiple of the column blocks);
+    act_order: the converter's layout (input permutations, zero points, rotations)."""
     cfg = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=3, num_attention_heads=8,
                num_key_value_heads=2, vocab_size=1000, rope_theta=10000.0, max_position_embeddings=512)
-    return quantized_tiny(cfg, CUDA, torch.float16, 512, group=64, scale_gain=15)
+    return quantized_tiny(cfg, CUDA, torch.float16, 512, group=64, scale_gain=15, act_order=act_order)
 
 
-def test_quantized_fused_decode_graphs_match_eager_on_cuda(monkeypatch):
+@pytest.mark.parametrize("act_order", [False, True], ids=["plain", "act_order"])
+def test_quantized_fused_decode_graphs_match_eager_on_cuda(monkeypatch, act_order):
     """Greedy decode of a quantized model on the fused path (norms, residual adds and SiLU in the matmul
     stores, rope and the KV write in the attention kernel): CUDA-graph replays against eager steps."""
     from ember.models.llama import DecoderLayer
 
-    model = _quantized_tiny()
+    model = _quantized_tiny(act_order)
     prompt, steps = list(range(5, 45)), 12
     calls = []
     real = DecoderLayer.forward_fused
@@ -175,10 +177,13 @@ def test_quantized_fused_decode_graphs_match_eager_on_cuda(monkeypatch):
     assert graphed == _greedy(model, prompt, steps, False)
 
 
-def test_quantized_fused_logits_match_plain_path_on_cuda():
-    model = _quantized_tiny()
+@pytest.mark.parametrize("act_order,n_seqs", [(False, 2), (True, 1), (True, 2)],
+                         ids=["plain", "act_order_one_row", "act_order_two_rows"])
+def test_quantized_fused_logits_match_plain_path_on_cuda(act_order, n_seqs):
+    """Act-order: each matrix rotates and permutes its own input (one launch; in the rotation's store)."""
+    model = _quantized_tiny(act_order)
     kv = KVCache(model.config, 9, 16, torch.float16, CUDA)
-    seqs = [(list(range(7, 37)), [0, 1]), (list(range(100, 150)), [2, 3, 4, 5])]
+    seqs = [(list(range(7, 37)), [0, 1]), (list(range(100, 150)), [2, 3, 4, 5])][:n_seqs]
     with torch.inference_mode():
         for ids, pages in seqs:  # prefill (more rows than a decode batch: the plain path)
             model(ForwardBatch.build([(ids, 0, pages)], 16, CUDA), kv.layers())

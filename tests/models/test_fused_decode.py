@@ -21,6 +21,12 @@ def model():
     return quantized_tiny(CFG, "cpu", torch.float32, 256, group=32, scale_gain=40)
 
 
+@pytest.fixture(scope="module")
+def act_model():
+    """The converter's layout: every store prepares its output for the next matrix (rotation, permutation)."""
+    return quantized_tiny(CFG, "cpu", torch.float32, 256, group=32, scale_gain=40, act_order=True)
+
+
 def run(model, monkeypatch, fused: bool, seqs, steps: int):
     """Prefill each prompt (plain path: more rows than a decode batch), then `steps` greedy decode steps of
     all sequences together; returns the decode logits (steps, B, V)."""
@@ -40,8 +46,12 @@ def run(model, monkeypatch, fused: bool, seqs, steps: int):
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("layout", ["plain", "act_order"])
 @pytest.mark.parametrize("n_seqs", [1, 3])
-def test_fused_decode_matches_plain_path(model, monkeypatch, n_seqs):
+def test_fused_decode_matches_plain_path(model, act_model, monkeypatch, n_seqs, layout):
+    if layout == "act_order":
+        model = act_model
+        assert model.model.layers[0].mlp.down_proj.perm is not None and model.model.layers[0].mlp.down_proj.had
     gen = torch.Generator().manual_seed(n_seqs)
     seqs = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (40, 33, 57)[:n_seqs]]
     calls = []

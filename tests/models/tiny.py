@@ -35,17 +35,19 @@ def write_tiny(name: str, folder, seed: int = 0):
     return model
 
 
-def quantized_tiny(hf_config: dict, device, dtype, max_positions: int, group: int, scale_gain: float):
+def quantized_tiny(hf_config: dict, device, dtype, max_positions: int, group: int, scale_gain: float,
+                   act_order: bool = False):
     """A model with random quantized projections (4.125 bpw, 8-bit head) whose norm weights differ per channel,
     so a misplaced one shows, and whose scales are multiplied by `scale_gain`, so that every layer moves the
-    logits (the synthetic scales alone give weights of ~1e-2)."""
+    logits (the synthetic scales alone give weights of ~1e-2). act_order: the converter's layout (input
+    permutations, zero points, rotations)."""
     from ember.bench.synthetic import build_random
     from ember.config import ModelConfig
     from ember.layers.quant_linear import QuantLinear
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_hf(dict(hf_config, architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5))
-    model = build_random(cfg, 4.0, 8, device, dtype, max_positions, group=group)
+    model = build_random(cfg, 4.0, 8, device, dtype, max_positions, group=group, act_order=act_order)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
