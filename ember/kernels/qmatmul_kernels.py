@@ -477,6 +477,19 @@ def dequant_kernel(q_ptr, s_ptr, z_ptr, meta_ptr, w_ptr, rows_ptr, N, NB, TOTAL,
 
 
 @triton.jit
+def _sylvester_signs(i, j):
+    """(len(i), len(j)) int32 entries of the unscaled Sylvester Hadamard matrix at rows i, columns j:
+    (-1)^popcount(i & j), the parity of the common bits folded into bit 0 (exact in any float type)."""
+    v = i[:, None] & j[None, :]
+    v ^= v >> 16
+    v ^= v >> 8
+    v ^= v >> 4
+    v ^= v >> 2
+    v ^= v >> 1
+    return 1 - 2 * (v & 1)
+
+
+@triton.jit
 def hadamard_kernel(x_ptr, out_ptr, dst_ptr, stride_xm, stride_om, scale, H: tl.constexpr, BJ: tl.constexpr,
                     HAS_DST: tl.constexpr, PDL: tl.constexpr):
     """out[m, c] = scale * sum_i x[m, b*H + i] * (-1)^popcount(i & j) (the Sylvester matrix, scale 1/sqrt(H)) for
@@ -492,13 +505,7 @@ def hadamard_kernel(x_ptr, out_ptr, dst_ptr, stride_xm, stride_om, scale, H: tl.
     cols = b * H + offs_j
     if HAS_DST:
         cols = tl.load(dst_ptr + cols)
-    v = offs_i[:, None] & offs_j[None, :]  # (H, BJ): the parity of the common bits is the sign (_signs)
-    v ^= v >> 16
-    v ^= v >> 8
-    v ^= v >> 4
-    v ^= v >> 2
-    v ^= v >> 1
-    sign = (1 - 2 * (v & 1)).to(tl.float32)
+    sign = _sylvester_signs(offs_i, offs_j).to(tl.float32)  # (H, BJ)
     pdl.wait(PDL)
     x = tl.load(x_ptr + m * stride_xm + b * H + offs_i).to(tl.float32)  # (H,)
     y = tl.sum(x[:, None] * sign, axis=0) * scale
@@ -506,28 +513,16 @@ def hadamard_kernel(x_ptr, out_ptr, dst_ptr, stride_xm, stride_om, scale, H: tl.
 
 
 @triton.jit
-def _signs(H: tl.constexpr, dtype: tl.constexpr):
-    """(H, H) Sylvester Hadamard matrix unscaled: (-1)^popcount(i & j), exact in any float type."""
-    offs = tl.arange(0, H)
-    v = offs[:, None] & offs[None, :]
-    v ^= v >> 16
-    v ^= v >> 8
-    v ^= v >> 4
-    v ^= v >> 2
-    v ^= v >> 1
-    return (1 - 2 * (v & 1)).to(dtype)
-
-
-@triton.jit
 def rotate_rows_kernel(x_ptr, out_ptr, R, scale, H: tl.constexpr, BR: tl.constexpr, PDL: tl.constexpr):
-    """x viewed as R blocks of H -> out = scale * x @ S (S: _signs, scale 1/sqrt(H)): the block Hadamard
+    """x viewed as R blocks of H -> out = scale * x @ S (S: _sylvester_signs, scale 1/sqrt(H)): the block Hadamard
     rotation of many rows (a prompt's activations) as one tensor-core product per BR blocks, fp16/bf16 inputs
     (S is exact in them) with fp32 sums, rounded once like the fp32 reference (block_hadamard)."""
     pdl.launch_dependents(PDL)
-    sign = _signs(H, x_ptr.dtype.element_ty)
+    offs_h = tl.arange(0, H)
+    sign = _sylvester_signs(offs_h, offs_h).to(x_ptr.dtype.element_ty)
     pdl.wait(PDL)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    offs = rows[:, None].to(tl.int64) * H + tl.arange(0, H)[None, :]
+    offs = rows[:, None].to(tl.int64) * H + offs_h[None, :]
     mask = (rows < R)[:, None]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     y = tl.dot(x, sign, out_dtype=tl.float32) * scale
