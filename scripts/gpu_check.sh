@@ -3,7 +3,7 @@
 #
 #   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [stages] [stagetable] [base] [ab] [async] [bench8b] [quick] [full] [exl2]
 #                        [attn] [gptq8b] [bench70b] [ember70b] [bpw] [batch] [pdl] [profile] [gprofile] [sweep] [prefillgemm] [overlap] [fp8]
-#                        [gemvfixed] [gemvdecode] [pprofile] [tests]
+#                        [gemvfixed] [gemvdecode] [pprofile] [qgemm] [tests]
 #   (default: tests bench8b exl2). Run it under `timeout N` to fit a device call: timeout signals the whole
 #   process group, and on TERM the script stops what it started and still packs $OUT for the return trip.
 # smoke: the engine / model / attention GPU tests first; qtests: the one-row, mixed-width and epilogue
@@ -31,7 +31,8 @@
 #   and streaming rate, once per arm of FIXED_ARGS (scripts/probe_gemv_fixed.py); quick / qtable run their
 #   table once per QUICK_ARMS entry (alone, or after bench8b's bandwidth; QUICK_ARGS: more bench_qmatmul.py arguments); gemvdecode: each matmul's time inside the decode step, per shape and width
 #   (scripts/gemv_in_decode.py, GEMVDEC_WIDTHS); pprofile: one prefill's GPU time by kernel, the synthetic
-#   and the act-order layout (scripts/profile_prefill.py, PPROFILE_ARMS).
+#   and the act-order layout (scripts/profile_prefill.py, PPROFILE_ARMS); qgemm: the fused dequantize-GEMM's
+#   tile configs on prompt-sized matmuls against dequantize + cuBLAS (scripts/sweep_qgemm.py, QGEMM_ARGS).
 #   qtests takes QTEST_K (a pytest -k) and QTEST_TIMEOUT.
 #   (`core` and `noqm` are accepted for the commands of earlier rounds: core = without full, noqm = no table;
 #   nogptq: bench8b without ember's run of the GPTQ folder.)
@@ -229,6 +230,10 @@ if has overlap; then  # prefill matmuls: dequantize the next weight on a second 
     env $e python3 scripts/bench_prefill_overlap.py ${OVERLAP_ARGS:-} 2>&1 | grep -v Warning | sed "s|^|$arm |" \
       | tee -a "$OUT/prefill_overlap.txt" | tail -40
   done
+fi
+if has qgemm; then  # the fused dequantize-GEMM's tile configs against dequantize + cuBLAS (scripts/sweep_qgemm.py)
+  log "prompt-sized 4-bit matmuls: qgemm configs, dequant + cuBLAS, cuBLAS alone"
+  python3 scripts/sweep_qgemm.py ${QGEMM_ARGS:-} 2>&1 | tee "$OUT/sweep_qgemm.txt" | grep -v '^{' | tail -14
 fi
 if has prefillgemm; then
   log "prefill-sized matmuls: dequant + cuBLAS vs the fused dequant-GEMM"

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ember.kernels import pdl
+from ember.kernels import pdl, qgemm
 from ember.kernels.epilogue import Epilogue
 from ember.kernels.qmatmul_fp8 import Fp8Plan, fp8_plan, qmatmul_fp8
 from ember.kernels.qmatmul_kernels import (
@@ -70,11 +70,12 @@ class QMatmulPlan:
     modes: dict[str, Launch]  # "gemv", "small", "large"
     widths: int  # bit set of the widths present
     has_g32: bool
-    large_mode: str  # "auto", "dequant" or "dot", for M > SMALL_ROWS
+    large_mode: str  # "auto", "dequant" or "dot", for M > SMALL_ROWS ("dequant": never the fused qgemm.py)
     workspace: tuple[torch.Tensor, torch.Tensor]  # split-K sums (fp32) and counters, kept zero
     dequant_meta: dict[int, torch.Tensor] = field(default_factory=dict)  # bits -> meta of that width
     fp8: Fp8Plan | None = None  # set: the dequantize + cuBLAS rows run on fp8 tensor cores (qmatmul_fp8.py)
     inv_perm: torch.Tensor | None = None  # int32 (K,): position of each input in the permuted order (act-order)
+    qgemm_g: int = 0  # group size when the fused dequantize-GEMM (qgemm.py) can take the many-row products, else 0
 
 
 # (mode) -> (block_n, num_warps, num_stages, target programs per SM[, block_m for "large"]); per-shape
@@ -203,7 +204,7 @@ def make_plan(qt: QuantizedTensor, tiles_per_split: int | None = None,
         inv = torch.empty_like(qt.perm)
         inv[qt.perm.long()] = torch.arange(K, dtype=qt.perm.dtype, device=device)
     return QMatmulPlan(modes, widths, any(s[3] == 32 for s in segs), large_mode, ws, deq,
-                       fp8_plan(qt, deq) if fp8 else None, inv)
+                       fp8_plan(qt, deq) if fp8 else None, inv, qgemm.group_size(qt, segs))
 
 
 # Split-K workspace per device: fp32 sums and per-block counters, all zero between launches (the last
@@ -394,6 +395,12 @@ def rotate_rows(x2: torch.Tensor, h: int) -> torch.Tensor:
     return out
 
 
+def _qgemm_on() -> bool:
+    """The fused dequantize-GEMM (qgemm.py) for many rows of a plain 4-bit matrix, instead of dequantize +
+    cuBLAS (EMBER_QGEMM=0: off, for A/B runs)."""
+    return os.environ.get("EMBER_QGEMM", "1") != "0"
+
+
 def _rotate_mm_on() -> bool:
     """EMBER_ROTATE_MM=0: the many-row rotation through block_hadamard (fp32, no tensor cores); A/B runs."""
     return os.environ.get("EMBER_ROTATE_MM", "1") != "0"
@@ -476,6 +483,8 @@ def qmatmul(x: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor | None = Non
         _run_kernel(x2, qt, plan, launch, out2, use_dot, block_m, epi if fused else None, permuted)
     elif plan.fp8 is not None:
         qmatmul_fp8(x2, qt, plan.fp8, out2)
+    elif plan.qgemm_g and plan.large_mode == "auto" and _qgemm_on() and qgemm.takes(x2):
+        qgemm.qgemm(x2, qt, out2, plan.qgemm_g, qgemm.env_config())
     else:
         # act-order: the weight's rows are stored back in input order rather than x gathered (M x K)
         torch.matmul(x2, dequantize_permuted(qt, plan, x.dtype, unpermute=qt.perm is not None), out=out2)

@@ -1,0 +1,231 @@
+"""Fused dequantize-GEMM for many rows of x (prompts): y = x @ W^T with 4-bit W decoded in registers, no 16-bit
+copy of W in memory.
+
+Dequantize + cuBLAS (qmatmul.py's path above 64 rows) writes every weight as 16 bits before the GEMM reads
+it back: at 512 rows of the 8B shapes that is 0.22 of 0.53 ms a layer (docs/dev/qmatmul-notes.md, eighth
+session). Here each program computes a (BN outputs, BM rows) tile of y^T = W (BN x K) @ x^T (K x BM):
+- W is the wgmma's A operand, which may come from registers: a program decodes its (BN, 64) block of W
+  straight into the A fragment. x^T is the B operand, loaded to shared memory by the pipeliner (cp.async).
+- Decode: word r of a 4-bit block holds inputs 8j + r at bits 4j (docs/format.md). One PRMT puts bytes of
+  the words r = 2p and 2p + 1 side by side, so one LOP3 with 0x000F000F | 0x6400_6400 gives the pair of
+  inputs (8j + 2p, 8j + 2p + 1) as two 16-bit floats 1024 + code; a packed subtract of 1024 + z and a
+  packed multiply by the scale give (code - z) * s, rounded once, as the dequantize kernel rounds it. That
+  is 7 instructions per 4 weights (`_pairs4`).
+- The pair (8j + 2p, 8j + 2p + 1) in one register is what the A fragment wants: thread p of each quad
+  holds k = 2p, 2p + 1 and 2p + 8, 2p + 9 of every 16 inputs, i.e. words 2p and 2p + 1. The joins and
+  permutes below only name that order for Triton; they compile to no data movement (offline SASS: no
+  shared-memory store in the loop).
+ASM = False computes the same pairs in plain Triton (the interpreter cannot run PTX), bit for bit, and
+multiplies in fp32 (the interpreter's tl.dot mishandles bf16).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _pairs_ref(we, wo, sp, zp, J: tl.constexpr, BF16: tl.constexpr):
+    """Plain-Triton pair J of `_pairs4`, unpacked: (BN, 4, 2) 16-bit (code - z) * s of inputs (8J + 2p,
+    8J + 2p + 1). sp / zp as in _pairs4 (only the low half is read)."""
+    dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
+    base: tl.constexpr = 128.0 if BF16 else 1024.0
+    s = _from_bits(sp, dt)
+    z = _from_bits(zp, dt) - base
+    lo = ((((we >> (4 * J)) & 15).to(tl.float32) - z) * s).to(dt)
+    hi = ((((wo >> (4 * J)) & 15).to(tl.float32) - z) * s).to(dt)
+    return tl.join(lo, hi)
+
+
+@triton.jit
+def _from_bits(b, dt: tl.constexpr):
+    """The 16-bit value in the low half of int32 b, as fp32 (bf16: its bits are an fp32's top half)."""
+    if dt == tl.bfloat16:
+        return (b << 16).to(tl.float32, bitcast=True)
+    return (b & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _pairs4(we, wo, sp, zp, ASM: tl.constexpr, BF16: tl.constexpr):
+    """Words r = 2p (we) and 2p + 1 (wo) of a 4-bit block, int32 (BN, 4) -> 8 int32 (BN, 4): pair j holds
+    inputs (8j + 2p, 8j + 2p + 1) in its (low, high) halves, each (code - z) * s in 16 bits. sp: the scale in
+    both halves; zp: 1024 + z (fp16) or 128 + z (bf16) in both halves. Without ASM the pairs come unpacked,
+    (BN, 4, 2)."""
+    if ASM:
+        if BF16:
+            outs = tl.inline_asm_elementwise(
+                """{ .reg .b32 b, v, c;
+                mov.b32 c, 0x43004300;
+                prmt.b32 b, $8, $9, 0x5410;
+                lop3.b32 v, b, 0x000F000F, c, 0xEA; sub.bf16x2 v, v, $11; mul.bf16x2 $0, v, $10;
+                shr.b32 v, b, 4; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.bf16x2 v, v, $11; mul.bf16x2 $1, v, $10;
+                shr.b32 v, b, 8; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.bf16x2 v, v, $11; mul.bf16x2 $2, v, $10;
+                shr.b32 v, b, 12; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.bf16x2 v, v, $11; mul.bf16x2 $3, v, $10;
+                prmt.b32 b, $8, $9, 0x7632;
+                lop3.b32 v, b, 0x000F000F, c, 0xEA; sub.bf16x2 v, v, $11; mul.bf16x2 $4, v, $10;
+                shr.b32 v, b, 4; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.bf16x2 v, v, $11; mul.bf16x2 $5, v, $10;
+                shr.b32 v, b, 8; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.bf16x2 v, v, $11; mul.bf16x2 $6, v, $10;
+                shr.b32 v, b, 12; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.bf16x2 v, v, $11; mul.bf16x2 $7, v, $10; }""",
+                "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [we, wo, sp, zp], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+        else:
+            outs = tl.inline_asm_elementwise(
+                """{ .reg .b32 b, v, c;
+                mov.b32 c, 0x64006400;
+                prmt.b32 b, $8, $9, 0x5410;
+                lop3.b32 v, b, 0x000F000F, c, 0xEA; sub.f16x2 v, v, $11; mul.f16x2 $0, v, $10;
+                shr.b32 v, b, 4; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.f16x2 v, v, $11; mul.f16x2 $1, v, $10;
+                shr.b32 v, b, 8; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.f16x2 v, v, $11; mul.f16x2 $2, v, $10;
+                shr.b32 v, b, 12; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.f16x2 v, v, $11; mul.f16x2 $3, v, $10;
+                prmt.b32 b, $8, $9, 0x7632;
+                lop3.b32 v, b, 0x000F000F, c, 0xEA; sub.f16x2 v, v, $11; mul.f16x2 $4, v, $10;
+                shr.b32 v, b, 4; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.f16x2 v, v, $11; mul.f16x2 $5, v, $10;
+                shr.b32 v, b, 8; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.f16x2 v, v, $11; mul.f16x2 $6, v, $10;
+                shr.b32 v, b, 12; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.f16x2 v, v, $11; mul.f16x2 $7, v, $10; }""",
+                "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [we, wo, sp, zp], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+    else:
+        outs = (_pairs_ref(we, wo, sp, zp, 0, BF16), _pairs_ref(we, wo, sp, zp, 1, BF16),
+                _pairs_ref(we, wo, sp, zp, 2, BF16), _pairs_ref(we, wo, sp, zp, 3, BF16),
+                _pairs_ref(we, wo, sp, zp, 4, BF16), _pairs_ref(we, wo, sp, zp, 5, BF16),
+                _pairs_ref(we, wo, sp, zp, 6, BF16), _pairs_ref(we, wo, sp, zp, 7, BF16))
+    return outs
+
+
+@triton.jit
+def _halves(p, DT: tl.constexpr):
+    """int32 (BN, 4) of 16-bit pairs -> (BN, 4, 2) DT [.., 0] = low half."""
+    lo = (p & 0xFFFF).to(tl.int16).to(DT, bitcast=True)
+    hi = (p >> 16).to(tl.int16).to(DT, bitcast=True)
+    return tl.join(lo, hi)
+
+
+@triton.jit
+def _chunk(pa, pb, DT: tl.constexpr, ASM: tl.constexpr):
+    """Pairs j = 2c (pa) and 2c + 1 (pb) -> (BN, 16) of inputs 16c .. 16c + 15 in order (8jj + 2p + e)."""
+    if ASM:
+        pa = _halves(pa, DT)
+        pb = _halves(pb, DT)
+    t = tl.join(pa, pb)  # (BN, 4, 2, 2): [n, p, e, jj]
+    return tl.reshape(tl.permute(t, (0, 3, 1, 2)), (t.shape[0], 16))
+
+
+@triton.jit
+def _pair_bits(v, DT: tl.constexpr):
+    """Values exact in DT -> int32 of the same shape holding the DT value in both halves."""
+    if DT == tl.bfloat16:  # bf16 is the top half of the fp32 (the value is exact in bf16 already)
+        b = (v.to(DT).to(tl.float32).to(tl.int32, bitcast=True) >> 16) & 0xFFFF
+    else:
+        b = v.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return b | (b << 16)
+
+
+@triton.jit
+def _zero_pairs(ptr, mask, BN: tl.constexpr, BASE: tl.constexpr, DT: tl.constexpr):
+    """(BN, 4) int32: BASE + the zero point (uint8 at ptr, flat BN * 4 as the words) in both 16-bit halves."""
+    z = tl.reshape(tl.load(ptr, mask=mask, other=0), (BN, 4)).to(tl.float32)
+    return _pair_bits(z + BASE, DT)
+
+
+@triton.jit
+def qgemm4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, g, stride_xm, stride_om,
+                  BN: tl.constexpr, BM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G32: tl.constexpr,
+                  ASM: tl.constexpr):
+    """out (M, N) = x (M, K) @ W^T for a 4-bit matrix of one segment (word rows 8t .. 8t + 7 for inputs 64t ..
+    64t + 63, scale row (64t) // g, or two rows when g = 32). Program (pid_m, pid_n): rows BM pid_m .., outputs
+    BN pid_n ..; pid_m varies fastest, so the programs sharing a block of W run together and it is read from
+    memory about once."""
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    BF16: tl.constexpr = DT == tl.bfloat16
+    BASE: tl.constexpr = 128 if BF16 else 1024
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_mask = offs_n < N
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    m_mask = offs_m < M
+    # The (BN, 4) word tiles are loaded as one flat run of BN * 4 (element i = column i // 4, pair row i % 4),
+    # which gets the default layout (consecutive i across lanes): 4 lanes along p, 8 along n, warps along
+    # n, the A fragment's own. Loaded as (BN, 4), they got lanes along n (the contiguous direction in
+    # memory) and a shuffle through shared memory every tile (offline SASS).
+    i = tl.arange(0, BN * 4)
+    wofs = (2 * (i % 4)) * N + pid_n * BN + i // 4  # word 2p of column n, relative to the block's first row
+    wmask = pid_n * BN + i // 4 < N
+    sofs = pid_n * BN + i // 4
+    acc = tl.zeros((BN, BM), tl.float32)
+    zp_lo = _pair_bits(tl.full((BN, 4), BASE + 8, tl.float32), DT)
+    zp_hi = zp_lo  # symmetric: the zero is 8
+    for t in range(K // 64):
+        wrow = q_ptr + t * 8 * N + wofs
+        we = tl.reshape(tl.load(wrow, mask=wmask, other=0), (BN, 4))  # (BN, 4) words 2p
+        wo = tl.reshape(tl.load(wrow + N, mask=wmask, other=0), (BN, 4))  # words 2p + 1
+        # scales (and zeros) loaded in the words' (BN, 4) layout: each thread reads its own rows' values, so
+        # nothing is moved between threads (a (BN,) load cost shared-memory stores and a barrier a tile)
+        sz = (t * 64) // g * N + sofs
+        sp_lo = _pair_bits(tl.reshape(tl.load(s_ptr + sz, mask=wmask, other=0.0), (BN, 4)), DT)
+        if HAS_ZEROS:
+            zp_lo = _zero_pairs(z_ptr + sz, wmask, BN, BASE, DT)
+        if HAS_G32:
+            sp_hi = _pair_bits(tl.reshape(tl.load(s_ptr + sz + N, mask=wmask, other=0.0), (BN, 4)), DT)
+            if HAS_ZEROS:
+                zp_hi = _zero_pairs(z_ptr + sz + N, wmask, BN, BASE, DT)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _pairs4(we, wo, sp_lo, zp_lo, ASM, BF16)
+        if HAS_G32:  # inputs 32..63 have their own scale row
+            _, _, _, _, p4, p5, p6, p7 = _pairs4(we, wo, sp_hi, zp_hi, ASM, BF16)
+        w = tl.join(tl.join(_chunk(p0, p1, DT, ASM), _chunk(p2, p3, DT, ASM)),
+                    tl.join(_chunk(p4, p5, DT, ASM), _chunk(p6, p7, DT, ASM)))  # (BN, 16, 2, 2): [n, i, c0, c1]
+        w = tl.reshape(tl.permute(w, (0, 3, 2, 1)), (BN, 64))  # input 32 c1 + 16 c0 + i
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (t * 64 + tl.arange(0, 64))[None, :],
+                    mask=m_mask[:, None], other=0.0)
+        if ASM:
+            acc = tl.dot(w, tl.trans(x), acc)
+        else:  # the interpreter's tl.dot mishandles bf16 operands: fp32 holds both 16-bit types exactly
+            acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc)
+    tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], acc.to(DT),
+             mask=m_mask[None, :] & n_mask[:, None])
+
+
+# (BN, BM, warps, stages): one program's tile of outputs x rows and its launch, until a sweep picks per shape
+DEFAULT_CONFIG = (128, 128, 8, 3)
+
+
+def env_config() -> tuple[int, int, int, int] | None:
+    """EMBER_QGEMM_CFG="BN,BM,warps,stages" (A/B runs), else None (the default)."""
+    v = os.environ.get("EMBER_QGEMM_CFG")
+    return tuple(int(a) for a in v.split(",")) if v else None
+
+
+def group_size(qt, segs: list[list[int]]) -> int:
+    """The group size if the fused kernel can take this matrix, else 0: one 4-bit segment (rows of make_segments),
+    no input permutation (act-order matrices keep dequantize + cuBLAS, which un-permutes the weight's rows
+    instead of gathering x), N a multiple of 16. Host values only: called by make_plan, before any graph."""
+    if len(segs) != 1 or segs[0][2] != 4 or qt.perm is not None or qt.out_features % 16:
+        return 0
+    return segs[0][3]
+
+
+def takes(x2) -> bool:
+    """Whether these activations can go through the kernel: fp16 on sm_80+ or bf16 on sm_90+ (the packed
+    bf16 arithmetic), or the interpreter."""
+    if x2.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if x2.is_cuda:
+        return torch.cuda.get_device_capability(x2.device) >= ((9, 0) if x2.dtype == torch.bfloat16 else (8, 0))
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def qgemm(x2, qt, out2, g: int, config: tuple[int, int, int, int] | None = None, asm: bool | None = None):
+    """out2 (M, N) = x2 (M, K) @ dequantize(qt)^T for a matrix of group size g = group_size(...) > 0; x2
+    contiguous rows."""
+    bn, bm, warps, stages = config or DEFAULT_CONFIG
+    M, K = x2.shape
+    N = qt.out_features
+    if asm is None:
+        asm = x2.device.type == "cuda"
+    zeros = qt.qzeros if qt.qzeros is not None else qt.scales  # unread when symmetric
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    qgemm4_kernel[grid](x2, qt.qweight, qt.scales, zeros, out2, M, N, K, g, x2.stride(0), out2.stride(0),
+                        BN=bn, BM=bm, HAS_ZEROS=qt.qzeros is not None, HAS_G32=g == 32, ASM=asm,
+                        num_warps=warps, num_stages=stages)
+    return out2

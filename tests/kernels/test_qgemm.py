@@ -1,0 +1,78 @@
+"""The fused dequantize-GEMM for many rows (kernels/qgemm.py) against x @ dequantize(qt).T in float32.
+
+On CPU through TRITON_INTERPRET=1 (the plain-Triton decode, bit for bit the PTX's arithmetic; fp32 dot), tiny
+tiles; on the GPU the PTX decode and wgmma over the tile configs the sweep tries, odd M and N."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must be set before the kernels are decorated (imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from ember.kernels import qgemm
+from ember.kernels.qmatmul import make_plan, qmatmul
+from ember.quant.format import dequantize
+from tests.kernels.test_qmatmul import DEV, gpu, make_qt
+
+
+def rel_err(qt, M, dtype, config, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(M, qt.in_features, device=DEV).to(dtype)
+    ref = x.float() @ dequantize(qt).to(DEV).T
+    out = torch.full((M, qt.out_features), float("nan"), dtype=dtype, device=DEV)
+    g = make_plan(qt).qgemm_g
+    assert g, "the matrix should fit the fused kernel"
+    qgemm.qgemm(x, qt, out, g, config)
+    assert torch.isfinite(out).all(), "unwritten output"
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("g,asym", [(32, True), (64, False), (128, True)], ids=["g32z", "g64", "g128z"])
+def test_qgemm_matches_reference(dtype, g, asym):
+    qt = make_qt([(256, 4, g)], 48, asym=asym)  # N = 48: a partial 32-column block at BN = 32
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    assert rel_err(qt, 21, dtype, (32, 16, 4, 1)) < tol  # M = 21: a partial row block
+
+
+def test_qgemm_eligibility():
+    """Only plain one-segment 4-bit matrices with N % 16 == 0 go through the fused kernel."""
+    assert make_plan(make_qt([(128, 4, 64)], 32)).qgemm_g == 64
+    assert make_plan(make_qt([(128, 4, 64)], 40)).qgemm_g == 0  # N % 16
+    assert make_plan(make_qt([(128, 8, 64)], 32)).qgemm_g == 0  # width
+    assert make_plan(make_qt([(64, 4, 64), (64, 3, 64)], 32)).qgemm_g == 0  # two segments
+    assert make_plan(make_qt([(128, 4, 64)], 32, use_perm=True)).qgemm_g == 0  # act-order
+
+
+def test_qmatmul_routes_many_rows_to_qgemm(monkeypatch):
+    """qmatmul above DOT_MAX_ROWS rows takes the fused kernel ("auto"), and gives what dequantize + matmul gives;
+    EMBER_QGEMM=0 and large_mode="dequant" keep the old path."""
+    qt = make_qt([(128, 4, 64)], 32, asym=True)
+    x = torch.randn(70, 128, device=DEV).half()
+    ref = x.float() @ dequantize(qt).to(DEV).T
+    calls = []
+    real = qgemm.qgemm
+    monkeypatch.setattr(qgemm, "qgemm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = qmatmul(x, qt, plan=make_plan(qt))
+    assert calls == [1]
+    assert ((out.float() - ref).norm() / ref.norm()) < 2e-3
+    for env, mode in (("0", "auto"), ("1", "dequant")):
+        monkeypatch.setenv("EMBER_QGEMM", env)
+        out2 = qmatmul(x, qt, plan=make_plan(qt, large_mode=mode))
+        assert calls == [1] and ((out2.float() - ref).norm() / ref.norm()) < 2e-3
+
+
+CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 64, 4, 4)]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gpu_qgemm_configs(config, dtype):
+    """Each tile config the sweep tries, M and N not multiples of the tile, symmetric g128 and g32 with zeros."""
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    for spec, asym, M in (((1536, 4, 128), False, 333), ((1024, 4, 32), True, 130)):
+        qt = make_qt([spec], 784, asym=asym)
+        assert rel_err(qt, M, dtype, config) < tol, (spec, asym, M)
