@@ -3,7 +3,7 @@ tile configs, against dequantize + cuBLAS (the path it replaces) and cuBLAS alon
 floor of any path that multiplies in 16 bits). Prints per row count the best config of each shape and one
 decoder layer's four matmuls each way; one JSON line per timing.
 
-  PYTHONPATH=. python3 scripts/sweep_qgemm.py [--rows 512,2048] [--configs 128,128,8,3:128,256,8,3] [--dtype fp16]
+  PYTHONPATH=. python3 scripts/sweep_qgemm.py [--rows 512,2048] [--configs 128,128,8,3:128,256,8,3] [--dtype fp16] [--dot]
 """
 from __future__ import annotations
 
@@ -26,11 +26,12 @@ def main() -> None:
     ap.add_argument("--rows", default="512,2048")
     ap.add_argument("--configs", default=CONFIGS)
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
+    ap.add_argument("--dot", action="store_true", help="also time qmatmul's large dot mode (the <= 64-row path)")
     a = ap.parse_args()
     dt = torch.float16 if a.dtype == "fp16" else torch.bfloat16
     configs = [tuple(int(v) for v in c.split(",")) for c in a.configs.split(":")]
     for M in (int(v) for v in a.rows.split(",")):
-        layer = {"cublas": 0.0, "dequant": 0.0, "best": 0.0}
+        layer = {"cublas": 0.0, "dequant": 0.0, "dot": 0.0, "best": 0.0}
         per_cfg = {c: 0.0 for c in configs}
         for (K, N), name in zip(LAYER, NAMES):
             copies = max(2, min(8, (400 << 20) // (K * N // 2)))
@@ -43,6 +44,12 @@ def main() -> None:
             del w16
             t_deq = graph_time([lambda q=q, p=p, o=o, x=x: qmatmul(x, q, out=o, plan=p)
                                 for q, p, o in zip(qts, plans, outs)], reps=7)
+            t_dot = float("nan")
+            if a.dot:  # the older many-row Triton kernel (fp32 decode, W through shared memory), qmatmul's <= 64 rows
+                dplans = [make_plan(q, large_mode="dot") for q in qts]
+                t_dot = graph_time([lambda q=q, p=p, o=o, x=x: qmatmul(x, q, out=o, plan=p)
+                                    for q, p, o in zip(qts, dplans, outs)], reps=7)
+                del dplans
             ref = qmatmul(x, qts[0], plan=plans[0]).float()
             g = plans[0].qgemm_g
             best = (float("inf"), None)
@@ -62,15 +69,17 @@ def main() -> None:
                 if t < best[0]:
                     best = (t, c)
             print(f"M={M} {name:8s} cuBLAS fp16 {t_cub * 1e6:8.1f} us  dequant+cuBLAS {t_deq * 1e6:8.1f} us  "
+                  f"dot kernel {t_dot * 1e6:8.1f} us  "
                   f"qgemm best {best[0] * 1e6:8.1f} us {best[1]}  ({t_cub / best[0]:.2f} of cuBLAS's rate)", flush=True)
             layer["cublas"] += t_cub
             layer["dequant"] += t_deq
+            layer["dot"] += t_dot
             layer["best"] += best[0]
             del qts, plans, outs
             torch.cuda.empty_cache()
         one = min(per_cfg, key=per_cfg.get)
         print(f"M={M} layer ms: cuBLAS fp16 {layer['cublas'] * 1e3:.3f}  dequant+cuBLAS {layer['dequant'] * 1e3:.3f}  "
-              f"qgemm best per shape {layer['best'] * 1e3:.3f}  best single config {one} {per_cfg[one] * 1e3:.3f}",
+              f"dot kernel {layer['dot'] * 1e3:.3f}  qgemm best per shape {layer['best'] * 1e3:.3f}  best single config {one} {per_cfg[one] * 1e3:.3f}",
               flush=True)
         print(json.dumps({"M": M, "layer_ms": {k: round(v * 1e3, 4) for k, v in layer.items()},
                           "single": [one, round(per_cfg[one] * 1e3, 4)]}))

@@ -122,72 +122,138 @@ def _pair_bits(v, DT: tl.constexpr):
 
 
 @triton.jit
-def _zero_pairs(ptr, mask, BN: tl.constexpr, BASE: tl.constexpr, DT: tl.constexpr):
-    """(BN, 4) int32: BASE + the zero point (uint8 at ptr, flat BN * 4 as the words) in both 16-bit halves."""
-    z = tl.reshape(tl.load(ptr, mask=mask, other=0), (BN, 4)).to(tl.float32)
+def _ld(ptr, mask, EVEN: tl.constexpr):
+    """tl.load with a mask (zeros where it is off), or none when EVEN (whole tiles)."""
+    if EVEN:
+        v = tl.load(ptr)
+    else:
+        v = tl.load(ptr, mask=mask, other=0)
+    return v
+
+
+@triton.jit
+def _tile(v, BN: tl.constexpr, NW: tl.constexpr):
+    """Flat (BN * 4,) loaded in qgemm4_kernel's order -> (BN, 4) [column, p]: i = lane + 32 (warp + NW reg)
+    with lane = 4 c + p and column = c + 8 (reg % 2) + 16 warp + 16 NW (reg // 2)."""
+    R: tl.constexpr = BN * 4 // (32 * NW)
+    t = tl.reshape(v, (R // 2, 2, NW, 8, 4))  # [reg // 2, reg % 2, warp, c, p]
+    return tl.reshape(tl.permute(t, (0, 2, 1, 3, 4)), (BN, 4))
+
+
+@triton.jit
+def _zero_pairs(ptr, mask, EVEN: tl.constexpr, BN: tl.constexpr, NW: tl.constexpr, BASE: tl.constexpr,
+                DT: tl.constexpr):
+    """(BN, 4) int32: BASE + the zero point (uint8 at ptr, loaded flat as the words) in both 16-bit halves."""
+    z = _tile(_ld(ptr, mask, EVEN), BN, NW).to(tl.float32)
     return _pair_bits(z + BASE, DT)
 
 
 @triton.jit
-def qgemm4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, g, stride_xm, stride_om,
-                  BN: tl.constexpr, BM: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G32: tl.constexpr,
-                  ASM: tl.constexpr):
-    """out (M, N) = x (M, K) @ W^T for a 4-bit matrix of one segment (word rows 8t .. 8t + 7 for inputs 64t ..
-    64t + 63, scale row (64t) // g, or two rows when g = 32). Program (pid_m, pid_n): rows BM pid_m .., outputs
-    BN pid_n ..; pid_m varies fastest, so the programs sharing a block of W run together and it is read from
-    memory about once."""
-    DT: tl.constexpr = x_ptr.dtype.element_ty
+def _wblock(q_ptr, s_ptr, z_ptr, t, N, wofs, sofs, wmask, zsym, BN: tl.constexpr, NW: tl.constexpr,
+            TPG: tl.constexpr, HAS_ZEROS: tl.constexpr, EVEN_N: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr):
+    """Block t (inputs 64t .. 64t + 63) of the program's BN columns -> (BN, 64) DT (code - z) * s, each
+    thread holding the A fragment's elements (qgemm4_kernel's load order); zsym: the symmetric zero's pairs."""
     BF16: tl.constexpr = DT == tl.bfloat16
     BASE: tl.constexpr = 128 if BF16 else 1024
+    wrow = q_ptr + t * 8 * N + wofs
+    we = _tile(_ld(wrow, wmask, EVEN_N), BN, NW)  # (BN, 4) words 2p
+    wo = _tile(_ld(wrow + N, wmask, EVEN_N), BN, NW)  # words 2p + 1
+    # scales (and zeros) loaded in the words' (BN, 4) layout: each thread reads its own rows' values, so
+    # nothing is moved between threads (a (BN,) load cost shared-memory stores and a barrier a tile)
+    sz = (2 * t if TPG == 0 else t // TPG) * N + sofs
+    sp = _pair_bits(_tile(_ld(s_ptr + sz, wmask, EVEN_N), BN, NW), DT)
+    zp = _zero_pairs(z_ptr + sz, wmask, EVEN_N, BN, NW, BASE, DT) if HAS_ZEROS else zsym
+    p0, p1, p2, p3, p4, p5, p6, p7 = _pairs4(we, wo, sp, zp, ASM, BF16)
+    if TPG == 0:  # groups of 32: inputs 32..63 have their own scale row
+        sp = _pair_bits(_tile(_ld(s_ptr + sz + N, wmask, EVEN_N), BN, NW), DT)
+        zp = _zero_pairs(z_ptr + sz + N, wmask, EVEN_N, BN, NW, BASE, DT) if HAS_ZEROS else zsym
+        _, _, _, _, p4, p5, p6, p7 = _pairs4(we, wo, sp, zp, ASM, BF16)
+    if ASM:  # int32 pairs stacked as (BN, 32) [n, 4j + p] (inputs 8j + 2p, + 1), split into halves once
+        pp = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+        pp = tl.reshape(tl.permute(pp, (0, 2, 3, 4, 1)), (BN, 32))  # [n, p, j2, j1, j0] -> [n, j2, j1, j0, p]
+        w = tl.reshape(_halves(pp, DT), (BN, 64))
+    else:
+        w = tl.join(tl.join(_chunk(p0, p1, DT, ASM), _chunk(p2, p3, DT, ASM)),
+                    tl.join(_chunk(p4, p5, DT, ASM), _chunk(p6, p7, DT, ASM)))  # (BN, 16, 2, 2): [n, i, c0, c1]
+        w = tl.reshape(tl.permute(w, (0, 3, 2, 1)), (BN, 64))  # input 32 c1 + 16 c0 + i
+    return w
+
+
+@triton.jit
+def qgemm4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+                  BN: tl.constexpr, BM: tl.constexpr, HAS_ZEROS: tl.constexpr, TPG: tl.constexpr,
+                  EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, ASM: tl.constexpr, NW: tl.constexpr,
+                  KB: tl.constexpr):
+    """out (M, N) = x (M, K) @ W^T for a 4-bit matrix of one segment (word rows 8t .. 8t + 7 for inputs 64t ..
+    64t + 63, scale row t // TPG for groups of 64 TPG inputs; TPG = 0: groups of 32, rows 2t and 2t + 1; a
+    constexpr, so no division in the loop). KB: blocks of 64 a step (2 when K % 128 == 0). EVEN_M / EVEN_N:
+    no partial tiles, no masks. Program (pid_m, pid_n): rows BM pid_m .., outputs
+    BN pid_n ..; pid_m varies fastest, so the programs sharing a block of W run together and it is read from
+    memory about once. NW = num_warps; BN a multiple of 32 NW // 2 (16 rows a warp, at least 2 registers)."""
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    BASE: tl.constexpr = 128 if DT == tl.bfloat16 else 1024
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_mask = offs_n < N
     offs_m = pid_m * BM + tl.arange(0, BM)
     m_mask = offs_m < M
-    # The (BN, 4) word tiles are loaded as one flat run of BN * 4 (element i = column i // 4, pair row i % 4),
-    # which gets the default layout (consecutive i across lanes): 4 lanes along p, 8 along n, warps along
-    # n, the A fragment's own. Loaded as (BN, 4), they got lanes along n (the contiguous direction in
-    # memory) and a shuffle through shared memory every tile (offline SASS).
+    # The (BN, 4) word tiles are loaded as one flat run i < BN * 4, which gets the default 1-D layout (lane
+    # i % 32, warp (i // 32) % NW, register i // (32 NW)), and element i is given the column and pair row
+    # that the wgmma A fragment wants in that thread: p = lane % 4, column lane // 4 + 8 (reg % 2) +
+    # 16 warp + 16 NW (reg // 2). `_tile` then names that order (a reshape and a permute, no data movement).
+    # Loaded as (BN, 4), the words got lanes along n (the contiguous direction in memory) and the decoded
+    # tile went through shared memory with a barrier every step (offline SASS).
     i = tl.arange(0, BN * 4)
-    wofs = (2 * (i % 4)) * N + pid_n * BN + i // 4  # word 2p of column n, relative to the block's first row
-    wmask = pid_n * BN + i // 4 < N
-    sofs = pid_n * BN + i // 4
+    lane = i % 32
+    reg = i // (32 * NW)
+    col = lane // 4 + 8 * (reg % 2) + 16 * ((i // 32) % NW) + 16 * NW * (reg // 2)
+    wofs = (2 * (lane % 4)) * N + pid_n * BN + col  # word 2p of that column, from the block's first row
+    wmask = pid_n * BN + col < N
+    xmask = m_mask[:, None]
+    sofs = pid_n * BN + col
     acc = tl.zeros((BN, BM), tl.float32)
-    zp_lo = _pair_bits(tl.full((BN, 4), BASE + 8, tl.float32), DT)
-    zp_hi = zp_lo  # symmetric: the zero is 8
-    for t in range(K // 64):
-        wrow = q_ptr + t * 8 * N + wofs
-        we = tl.reshape(tl.load(wrow, mask=wmask, other=0), (BN, 4))  # (BN, 4) words 2p
-        wo = tl.reshape(tl.load(wrow + N, mask=wmask, other=0), (BN, 4))  # words 2p + 1
-        # scales (and zeros) loaded in the words' (BN, 4) layout: each thread reads its own rows' values, so
-        # nothing is moved between threads (a (BN,) load cost shared-memory stores and a barrier a tile)
-        sz = (t * 64) // g * N + sofs
-        sp_lo = _pair_bits(tl.reshape(tl.load(s_ptr + sz, mask=wmask, other=0.0), (BN, 4)), DT)
-        if HAS_ZEROS:
-            zp_lo = _zero_pairs(z_ptr + sz, wmask, BN, BASE, DT)
-        if HAS_G32:
-            sp_hi = _pair_bits(tl.reshape(tl.load(s_ptr + sz + N, mask=wmask, other=0.0), (BN, 4)), DT)
-            if HAS_ZEROS:
-                zp_hi = _zero_pairs(z_ptr + sz + N, wmask, BN, BASE, DT)
-        p0, p1, p2, p3, p4, p5, p6, p7 = _pairs4(we, wo, sp_lo, zp_lo, ASM, BF16)
-        if HAS_G32:  # inputs 32..63 have their own scale row
-            _, _, _, _, p4, p5, p6, p7 = _pairs4(we, wo, sp_hi, zp_hi, ASM, BF16)
-        w = tl.join(tl.join(_chunk(p0, p1, DT, ASM), _chunk(p2, p3, DT, ASM)),
-                    tl.join(_chunk(p4, p5, DT, ASM), _chunk(p6, p7, DT, ASM)))  # (BN, 16, 2, 2): [n, i, c0, c1]
-        w = tl.reshape(tl.permute(w, (0, 3, 2, 1)), (BN, 64))  # input 32 c1 + 16 c0 + i
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (t * 64 + tl.arange(0, 64))[None, :],
-                    mask=m_mask[:, None], other=0.0)
+    # The loop runs at least once. Without this the compiler keeps a zero-trip path that re-zeroes the
+    # accumulator, and ptxas then serializes every wgmma (C7515: each one waits for the last to finish,
+    # offline SASS), so the decode could not overlap the tensor cores.
+    tl.assume(K >= 64 * KB)
+    zsym = _pair_bits(tl.full((BN, 4), BASE + 8, tl.float32), DT)  # symmetric: the zero is 8
+    for t in range(K // (64 * KB)):
+        w = _wblock(q_ptr, s_ptr, z_ptr, t * KB, N, wofs, sofs, wmask, zsym, BN, NW, TPG, HAS_ZEROS, EVEN_N, ASM, DT)
+        if KB == 2:  # two blocks of 64 a step: the loop's fixed work (barrier, waits, addresses) is paid half as often
+            w2 = _wblock(q_ptr, s_ptr, z_ptr, t * KB + 1, N, wofs, sofs, wmask, zsym, BN, NW, TPG, HAS_ZEROS,
+                         EVEN_N, ASM, DT)
+            w = tl.reshape(tl.permute(tl.join(w, w2), (0, 2, 1)), (BN, 128))
+        x = _ld(x_ptr + offs_m[:, None] * stride_xm + (t * 64 * KB + tl.arange(0, 64 * KB))[None, :], xmask,
+                EVEN_M)
         if ASM:
             acc = tl.dot(w, tl.trans(x), acc)
         else:  # the interpreter's tl.dot mishandles bf16 operands: fp32 holds both 16-bit types exactly
             acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc)
     tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], acc.to(DT),
-             mask=m_mask[None, :] & n_mask[:, None])
+             mask=None if EVEN_M and EVEN_N else m_mask[None, :] & n_mask[:, None])
 
 
-# (BN, BM, warps, stages): one program's tile of outputs x rows and its launch, until a sweep picks per shape
-DEFAULT_CONFIG = (128, 128, 8, 3)
+# Where the fused kernel beats dequantize + cuBLAS (H100, scripts/sweep_qgemm.py, docs/benchmarks.md thirteenth
+# round): every 8B shape up to 256 rows (128 rows: one layer's four matmuls 0.266 against 0.399 ms), and the wide
+# gate/up matrix up to 512 (251 against 283 us); at 512 rows the others lose (down 159 against 138 us) and at 2048
+# all do (0.70 of cuBLAS's rate on 16-bit weights, which no longer pays for the dequantize).
+MAX_ROWS = 256
+WIDE_N, WIDE_MAX_ROWS = 16384, 512
+
+
+def use_for(M: int, N: int) -> bool:
+    """Whether M rows of a matrix with N outputs go through the fused kernel (else dequantize + cuBLAS)."""
+    return M <= MAX_ROWS or (N >= WIDE_N and M <= WIDE_MAX_ROWS)
+
+
+def pick_config(M: int, N: int) -> tuple[int, int, int, int]:
+    """(BN, BM, warps, stages) by rows and width, from the sweep: small tiles (more programs) for few rows and
+    narrow matrices, 128 x 256 tiles for the wide ones from 256 rows on."""
+    wide = N >= WIDE_N
+    if M <= 192:
+        return (128, 128, 8, 4) if wide else (64, 64, 4, 4)
+    return (128, 256, 8, 3) if wide else (64, 256, 4, 3)
 
 
 def env_config() -> tuple[int, int, int, int] | None:
@@ -215,17 +281,25 @@ def takes(x2) -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _kb(K: int) -> int:
+    """Blocks of 64 inputs a loop step: 2 where K allows (EMBER_QGEMM_KB=1: one, for A/B runs)."""
+    return 2 if K % 128 == 0 and os.environ.get("EMBER_QGEMM_KB", "2") != "1" else 1
+
+
 def qgemm(x2, qt, out2, g: int, config: tuple[int, int, int, int] | None = None, asm: bool | None = None):
     """out2 (M, N) = x2 (M, K) @ dequantize(qt)^T for a matrix of group size g = group_size(...) > 0; x2
     contiguous rows."""
-    bn, bm, warps, stages = config or DEFAULT_CONFIG
     M, K = x2.shape
     N = qt.out_features
+    bn, bm, warps, stages = config or pick_config(M, N)
+    if bn % (16 * warps) or bn * 4 < 64 * warps:
+        raise ValueError(f"qgemm tile {config}: BN must be a multiple of 16 x warps with 2+ rows a thread")
     if asm is None:
         asm = x2.device.type == "cuda"
     zeros = qt.qzeros if qt.qzeros is not None else qt.scales  # unread when symmetric
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    qgemm4_kernel[grid](x2, qt.qweight, qt.scales, zeros, out2, M, N, K, g, x2.stride(0), out2.stride(0),
-                        BN=bn, BM=bm, HAS_ZEROS=qt.qzeros is not None, HAS_G32=g == 32, ASM=asm,
+    qgemm4_kernel[grid](x2, qt.qweight, qt.scales, zeros, out2, M, N, K, x2.stride(0), out2.stride(0),
+                        BN=bn, BM=bm, HAS_ZEROS=qt.qzeros is not None, TPG=g // 64, EVEN_M=M % bm == 0,
+                        EVEN_N=N % bn == 0, ASM=asm, NW=warps, KB=_kb(K),
                         num_warps=warps, num_stages=stages)
     return out2

@@ -31,9 +31,11 @@ def rel_err(qt, M, dtype, config, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("g,asym", [(32, True), (64, False), (128, True)], ids=["g32z", "g64", "g128z"])
 def test_qgemm_matches_reference(dtype, g, asym):
-    qt = make_qt([(256, 4, g)], 48, asym=asym)  # N = 48: a partial 32-column block at BN = 32
+    qt = make_qt([(256, 4, g)], 80, asym=asym)  # N = 80: a partial 64-column block
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
-    assert rel_err(qt, 21, dtype, (32, 16, 4, 1)) < tol  # M = 21: a partial row block
+    assert rel_err(qt, 21, dtype, (64, 16, 4, 1)) < tol  # M = 21: a partial row block
+    assert rel_err(make_qt([(256, 4, g)], 64, asym=asym), 32, dtype, (64, 16, 4, 1)) < tol  # whole tiles, no masks
+    assert rel_err(make_qt([(192, 4, 64 if g == 128 else g)], 64, asym=asym), 32, dtype, (64, 16, 4, 1)) < tol  # K % 128 = 64: one block a step
 
 
 def test_qgemm_eligibility():
