@@ -234,26 +234,31 @@ def qgemm4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
              mask=None if EVEN_M and EVEN_N else m_mask[None, :] & n_mask[:, None])
 
 
-# Where the fused kernel beats dequantize + cuBLAS (H100, scripts/sweep_qgemm.py, docs/benchmarks.md thirteenth
-# round): every 8B shape up to 256 rows (128 rows: one layer's four matmuls 0.266 against 0.399 ms), and the wide
-# gate/up matrix up to 512 (251 against 283 us); at 512 rows the others lose (down 159 against 138 us) and at 2048
-# all do (0.70 of cuBLAS's rate on 16-bit weights, which no longer pays for the dequantize).
-MAX_ROWS = 256
-WIDE_N, WIDE_MAX_ROWS = 16384, 512
+# Where the fused kernel beats dequantize + cuBLAS, and its tiles, by rows M and outputs N (H100, Llama-3-8B
+# shapes, scripts/sweep_qgemm.py, docs/benchmarks.md thirteenth round; us, fused against dequantize + cuBLAS):
+# - gate/up (N = 28672): 93.8 / 202.1 at 128 rows, 130.6 / 215.6 at 256, 251.3 / 283.3 at 512, tied at 384;
+# - qkv (N = 6144): 36.0 / 52.5 at 128, 44.0 / 56.1 at 256, lost from 384 on;
+# - down (N = 4096, K = 14336): 104.1 / 113.8 at 128, 114.5 / 133.3 at 192, lost from 256 on;
+# - o (N = 4096, K = 4096): never ahead (31.6 / 30.2 at 128);
+# at 2048 rows every shape loses (0.70 of cuBLAS's rate on 16-bit weights: no longer pays for the dequantize).
 
 
-def use_for(M: int, N: int) -> bool:
-    """Whether M rows of a matrix with N outputs go through the fused kernel (else dequantize + cuBLAS)."""
-    return M <= MAX_ROWS or (N >= WIDE_N and M <= WIDE_MAX_ROWS)
+def use_for(M: int, N: int, K: int) -> bool:
+    """Whether M rows of an N x K matrix go through the fused kernel (else dequantize + cuBLAS)."""
+    if N >= 16384:
+        return M <= 512
+    if N >= 6144:
+        return M <= 256
+    return K >= 8192 and M <= 192
 
 
 def pick_config(M: int, N: int) -> tuple[int, int, int, int]:
-    """(BN, BM, warps, stages) by rows and width, from the sweep: small tiles (more programs) for few rows and
-    narrow matrices, 128 x 256 tiles for the wide ones from 256 rows on."""
-    wide = N >= WIDE_N
-    if M <= 192:
-        return (128, 128, 8, 4) if wide else (64, 64, 4, 4)
-    return (128, 256, 8, 3) if wide else (64, 256, 4, 3)
+    """(BN, BM, warps, stages), the sweep's best at the rows measured nearest."""
+    if N >= 16384:
+        return (128, 128, 8, 4) if M <= 128 else (128, 256, 8, 3)
+    if N >= 6144:
+        return (64, 128, 4, 4) if M <= 128 else (128, 128, 8, 4) if M <= 192 else (64, 256, 4, 3)
+    return (64, 64, 4, 4)
 
 
 def env_config() -> tuple[int, int, int, int] | None:

@@ -483,7 +483,7 @@ def qmatmul(x: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor | None = Non
         _run_kernel(x2, qt, plan, launch, out2, use_dot, block_m, epi if fused else None, permuted)
     elif plan.fp8 is not None:
         qmatmul_fp8(x2, qt, plan.fp8, out2)
-    elif plan.qgemm_g and plan.large_mode == "auto" and qgemm.use_for(M, N) and _qgemm_on() and qgemm.takes(x2):
+    elif plan.qgemm_g and plan.large_mode == "auto" and qgemm.use_for(M, N, K) and _qgemm_on() and qgemm.takes(x2):
         qgemm.qgemm(x2, qt, out2, plan.qgemm_g, qgemm.env_config())
     else:
         # act-order: the weight's rows are stored back in input order rather than x gathered (M x K)

@@ -56,6 +56,7 @@ def test_qmatmul_routes_many_rows_to_qgemm(monkeypatch):
     calls = []
     real = qgemm.qgemm
     monkeypatch.setattr(qgemm, "qgemm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(qgemm, "use_for", lambda M, N, K: True)  # the rule itself: test_qgemm_rule
     out = qmatmul(x, qt, plan=make_plan(qt))
     assert calls == [1]
     assert ((out.float() - ref).norm() / ref.norm()) < 2e-3
@@ -65,7 +66,21 @@ def test_qmatmul_routes_many_rows_to_qgemm(monkeypatch):
         assert calls == [1] and ((out2.float() - ref).norm() / ref.norm()) < 2e-3
 
 
-CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 64, 4, 4)]
+def test_qgemm_rule():
+    """The measured rule (qgemm.py): the wide gate/up up to 512 rows, qkv up to 256, down up to 192, never o; each
+    pick a valid tile."""
+    shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+    taken = {name: [M for M in (65, 128, 192, 256, 384, 512, 513, 2048) if qgemm.use_for(M, N, K)]
+             for name, (N, K) in shapes.items()}
+    assert taken == {"qkv": [65, 128, 192, 256], "o": [], "gate_up": [65, 128, 192, 256, 384, 512],
+                     "down": [65, 128, 192]}
+    for M in (65, 128, 192, 256, 512):
+        for N in (4096, 6144, 28672):
+            bn, bm, warps, stages = qgemm.pick_config(M, N)
+            assert bn % (16 * warps) == 0 and bm in (64, 128, 256) and stages >= 3
+
+
+CONFIGS = [(64, 64, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 64, 4, 4)]
 
 
 @pytest.mark.gpu
