@@ -6,8 +6,9 @@ never reads anything back on the host. Modes by the number of rows M of x:
 - M == 1: FMA kernel, split-K partial sums combined by atomic adds; the weights are decoded two per
   instruction in fp16 pairs for fp16 activations (qmatmul_h2.py), else decoded and multiplied in fp32;
 - 2 <= M <= SMALL_ROWS: the same kernel with tl.dot on 16/32-row tiles;
-- larger M: the dot kernel with 64-row tiles up to DOT_MAX_ROWS, then dequantize to a scratch (K, N) in
-  the activation dtype + torch.matmul (cuBLAS) (`large_mode`, measured: docs/dev/qmatmul-notes.md).
+- larger M: the dot kernel with 64-row tiles up to DOT_MAX_ROWS; above, for plain 4-bit matrices where it
+  measured faster (qgemm.use_for), the fused dequantize-GEMM of qgemm.py, else dequantize to a scratch (K, N)
+  in the activation dtype + torch.matmul (cuBLAS) (`large_mode`, measured: docs/dev/qmatmul-notes.md).
 An `Epilogue` folds the RMSNorm around the residual add and the SwiGLU activation into the store of the kernel
 paths (M <= DOT_MAX_ROWS), so a decode layer needs no norm or SiLU launches; other paths apply the same
 steps with torch ops afterwards (reference.matmul_epilogue).

@@ -70,10 +70,11 @@ def test_qgemm_rule():
     """The measured rule (qgemm.py): the wide gate/up up to 512 rows, qkv up to 256, down up to 192, never o; each
     pick a valid tile."""
     shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-    taken = {name: [M for M in (65, 128, 192, 256, 384, 512, 513, 2048) if qgemm.use_for(M, N, K)]
+    taken = {name: [M for M in (64, 65, 128, 192, 256, 384, 512, 513, 2048) if qgemm.use_for(M, N, K)]
              for name, (N, K) in shapes.items()}
-    assert taken == {"qkv": [65, 128, 192, 256], "o": [], "gate_up": [65, 128, 192, 256, 384, 512],
-                     "down": [65, 128, 192]}
+    # whole tiles only (65 and 513 rows would need masks), and K % 128 == 0
+    assert taken == {"qkv": [128, 256], "o": [], "gate_up": [128, 256, 512], "down": [64, 128, 192]}
+    assert not qgemm.use_for(256, 6144, 4096 + 64)
     for M in (65, 128, 192, 256, 512):
         for N in (4096, 6144, 28672):
             bn, bm, warps, stages = qgemm.pick_config(M, N)
