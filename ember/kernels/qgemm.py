@@ -48,6 +48,24 @@ def _from_bits(b, dt: tl.constexpr):
     return (b & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
+def _pairs_asm(op: str, magic: str) -> str:
+    """PTX of `_pairs4` for one 16-bit type: $8 / $9 the words, $10 the scale pair, $11 the zero pair, $0..$7 the
+    pairs j = 0..7 (PRMT 0x5410 puts bytes 0-1 of both words side by side: slots 0-3; 0x7632: slots 4-7)."""
+    lines = ["{ .reg .b32 b, v, c;", f"mov.b32 c, {magic};"]
+    for half, sel in ((0, "0x5410"), (1, "0x7632")):
+        lines.append(f"prmt.b32 b, $8, $9, {sel};")
+        for j in range(4):
+            src = "b" if j == 0 else "v"
+            if j:
+                lines.append(f"shr.b32 v, b, {4 * j};")
+            lines.append(f"lop3.b32 v, {src}, 0x000F000F, c, 0xEA; sub.{op} v, v, $11; mul.{op} ${4 * half + j}, v, $10;")
+    return " ".join(lines) + " }"
+
+
+_PAIRS_F16 = tl.constexpr(_pairs_asm("f16x2", "0x64006400"))  # 1024 + code in each half
+_PAIRS_BF16 = tl.constexpr(_pairs_asm("bf16x2", "0x43004300"))  # 128 + code
+
+
 @triton.jit
 def _pairs4(we, wo, sp, zp, ASM: tl.constexpr, BF16: tl.constexpr):
     """Words r = 2p (we) and 2p + 1 (wo) of a 4-bit block, int32 (BN, 4) -> 8 int32 (BN, 4): pair j holds
@@ -55,36 +73,8 @@ def _pairs4(we, wo, sp, zp, ASM: tl.constexpr, BF16: tl.constexpr):
     both halves; zp: 1024 + z (fp16) or 128 + z (bf16) in both halves. Without ASM the pairs come unpacked,
     (BN, 4, 2)."""
     if ASM:
-        if BF16:
-            outs = tl.inline_asm_elementwise(
-                """{ .reg .b32 b, v, c;
-                mov.b32 c, 0x43004300;
-                prmt.b32 b, $8, $9, 0x5410;
-                lop3.b32 v, b, 0x000F000F, c, 0xEA; sub.bf16x2 v, v, $11; mul.bf16x2 $0, v, $10;
-                shr.b32 v, b, 4; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.bf16x2 v, v, $11; mul.bf16x2 $1, v, $10;
-                shr.b32 v, b, 8; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.bf16x2 v, v, $11; mul.bf16x2 $2, v, $10;
-                shr.b32 v, b, 12; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.bf16x2 v, v, $11; mul.bf16x2 $3, v, $10;
-                prmt.b32 b, $8, $9, 0x7632;
-                lop3.b32 v, b, 0x000F000F, c, 0xEA; sub.bf16x2 v, v, $11; mul.bf16x2 $4, v, $10;
-                shr.b32 v, b, 4; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.bf16x2 v, v, $11; mul.bf16x2 $5, v, $10;
-                shr.b32 v, b, 8; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.bf16x2 v, v, $11; mul.bf16x2 $6, v, $10;
-                shr.b32 v, b, 12; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.bf16x2 v, v, $11; mul.bf16x2 $7, v, $10; }""",
-                "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [we, wo, sp, zp], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
-        else:
-            outs = tl.inline_asm_elementwise(
-                """{ .reg .b32 b, v, c;
-                mov.b32 c, 0x64006400;
-                prmt.b32 b, $8, $9, 0x5410;
-                lop3.b32 v, b, 0x000F000F, c, 0xEA; sub.f16x2 v, v, $11; mul.f16x2 $0, v, $10;
-                shr.b32 v, b, 4; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.f16x2 v, v, $11; mul.f16x2 $1, v, $10;
-                shr.b32 v, b, 8; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.f16x2 v, v, $11; mul.f16x2 $2, v, $10;
-                shr.b32 v, b, 12; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.f16x2 v, v, $11; mul.f16x2 $3, v, $10;
-                prmt.b32 b, $8, $9, 0x7632;
-                lop3.b32 v, b, 0x000F000F, c, 0xEA; sub.f16x2 v, v, $11; mul.f16x2 $4, v, $10;
-                shr.b32 v, b, 4; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.f16x2 v, v, $11; mul.f16x2 $5, v, $10;
-                shr.b32 v, b, 8; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.f16x2 v, v, $11; mul.f16x2 $6, v, $10;
-                shr.b32 v, b, 12; lop3.b32 v, v, 0x000F000F, c, 0xEA; sub.f16x2 v, v, $11; mul.f16x2 $7, v, $10; }""",
-                "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [we, wo, sp, zp], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+        outs = tl.inline_asm_elementwise(_PAIRS_BF16 if BF16 else _PAIRS_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r",
+                                         [we, wo, sp, zp], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
     else:
         outs = (_pairs_ref(we, wo, sp, zp, 0, BF16), _pairs_ref(we, wo, sp, zp, 1, BF16),
                 _pairs_ref(we, wo, sp, zp, 2, BF16), _pairs_ref(we, wo, sp, zp, 3, BF16),
