@@ -179,7 +179,7 @@ def qgemm4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
     constexpr, so no division in the loop). KB: blocks of 64 a step (2 when K % 128 == 0). EVEN_M / EVEN_N:
     no partial tiles, no masks. Program (pid_m, pid_n): rows BM pid_m .., outputs
     BN pid_n ..; pid_m varies fastest, so the programs sharing a block of W run together and it is read from
-    memory about once. NW = num_warps; BN a multiple of 32 NW // 2 (16 rows a warp, at least 2 registers)."""
+    memory about once. NW = num_warps; BN a multiple of 16 NW (16 rows a warp, an even number of registers)."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
     BASE: tl.constexpr = 128 if DT == tl.bfloat16 else 1024
     pid_m = tl.program_id(0)
@@ -294,7 +294,7 @@ def qgemm(x2, qt, out2, g: int, config: tuple[int, int, int, int] | None = None,
     M, K = x2.shape
     N = qt.out_features
     bn, bm, warps, stages = config or pick_config(M, N)
-    if bn % (16 * warps) or bn * 4 < 64 * warps:
+    if bn % (16 * warps):
         raise ValueError(f"qgemm tile {config}: BN must be a multiple of 16 x warps with 2+ rows a thread")
     if asm is None:
         asm = x2.device.type == "cuda"
