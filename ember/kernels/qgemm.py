@@ -259,7 +259,8 @@ def pick_config(M: int, N: int) -> tuple[int, int, int, int]:
 
 
 def env_config() -> tuple[int, int, int, int] | None:
-    """EMBER_QGEMM_CFG="BN,BM,warps,stages" (A/B runs), else None (the default)."""
+    """EMBER_QGEMM_CFG="BN,BM,warps,stages" (A/B runs; it overrides pick_config after use_for has chosen the
+    kernel, so a tile that does not divide M or N takes the masked form), else None (the default)."""
     v = os.environ.get("EMBER_QGEMM_CFG")
     return tuple(int(a) for a in v.split(",")) if v else None
 
