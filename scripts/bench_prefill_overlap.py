@@ -21,9 +21,7 @@ import torch
 
 from ember.kernels import qmatmul_fp8 as f8
 from ember.kernels.qmatmul import dequantize_permuted, make_plan, qmatmul
-from scripts.bench_qmatmul import graph_time, random_qt
-
-LAYER = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # qkv, o, gate_up, down (K, N)
+from scripts.bench_qmatmul import LAYER, graph_time, random_qt
 
 
 @contextlib.contextmanager

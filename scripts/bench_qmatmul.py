@@ -22,7 +22,8 @@ from ember.kernels.qmatmul import DEFAULTS, make_plan, qmatmul, rotate
 from ember.quant.format import QuantizedTensor, make_segments
 from ember.quant.hadamard import block_hadamard
 
-SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256)]
+LAYER = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # one 8B decoder layer: qkv, o, gate/up, down (K, N)
+SHAPES = [*LAYER, (4096, 128256)]  # and the head
 WIDTHS = [2, 3, 4, 5, 6, 8, "mixed"]
 L2_FLUSH_BYTES = 200 << 20  # weights touched per graph replay: several times the 50 MB L2
 

@@ -9,11 +9,10 @@ import sys
 import torch
 
 sys.path.insert(0, "scripts")
-from bench_qmatmul import graph_time
+from bench_qmatmul import LAYER, graph_time
 
 dev = "cuda"
 print("torch", torch.__version__, "cuda", torch.version.cuda, "cublaslt", torch._C._cuda_getCompiledVersion())
-shapes = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
 torch.manual_seed(0)
 
 
@@ -33,7 +32,7 @@ def quant_x(x):
 
 
 for M in (512, 2048):
-    for K, N in shapes:
+    for K, N in LAYER:
         x, q, s = mk(M, K, N)
         w16 = (q.view(N, K // 128, 128) * s.t()[..., None]).view(N, K).half()  # (N, K)
         ref = x.float() @ w16.float().t()

@@ -17,9 +17,7 @@ import os
 import torch
 
 from ember.kernels.qmatmul import make_plan, qmatmul
-from scripts.bench_qmatmul import graph_time, random_qt
-
-LAYER = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # qkv, o, gate_up, down (K, N)
+from scripts.bench_qmatmul import LAYER, graph_time, random_qt
 
 
 def configs(quick: bool):

@@ -14,9 +14,8 @@ import torch
 
 from ember.kernels import qgemm
 from ember.kernels.qmatmul import make_plan, qmatmul
-from scripts.bench_qmatmul import graph_time, random_qt
+from scripts.bench_qmatmul import LAYER, graph_time, random_qt
 
-LAYER = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # qkv, o, gate/up, down (K, N)
 NAMES = ["qkv", "o", "gate/up", "down"]
 CONFIGS = "128,128,8,3:128,128,8,4:128,256,8,3:64,128,4,4:64,256,4,3:128,64,4,4:256,128,8,3"
 
