@@ -85,20 +85,10 @@ def _pairs4(we, wo, sp, zp, ASM: tl.constexpr, BF16: tl.constexpr):
 
 @triton.jit
 def _halves(p, DT: tl.constexpr):
-    """int32 (BN, 4) of 16-bit pairs -> (BN, 4, 2) DT [.., 0] = low half."""
+    """int32 tensor of 16-bit pairs -> DT tensor with a trailing dim of 2, [.., 0] = low half."""
     lo = (p & 0xFFFF).to(tl.int16).to(DT, bitcast=True)
     hi = (p >> 16).to(tl.int16).to(DT, bitcast=True)
     return tl.join(lo, hi)
-
-
-@triton.jit
-def _chunk(pa, pb, DT: tl.constexpr, ASM: tl.constexpr):
-    """Pairs j = 2c (pa) and 2c + 1 (pb) -> (BN, 16) of inputs 16c .. 16c + 15 in order (8jj + 2p + e)."""
-    if ASM:
-        pa = _halves(pa, DT)
-        pb = _halves(pb, DT)
-    t = tl.join(pa, pb)  # (BN, 4, 2, 2): [n, p, e, jj]
-    return tl.reshape(tl.permute(t, (0, 3, 1, 2)), (t.shape[0], 16))
 
 
 @triton.jit
@@ -158,14 +148,12 @@ def _wblock(q_ptr, s_ptr, z_ptr, t, N, wofs, sofs, wmask, zsym, BN: tl.constexpr
         sp = _pair_bits(_tile(_ld(s_ptr + sz + N, wmask, EVEN_N), BN, NW), DT)
         zp = _zero_pairs(z_ptr + sz + N, wmask, EVEN_N, BN, NW, BASE, DT) if HAS_ZEROS else zsym
         _, _, _, _, p4, p5, p6, p7 = _pairs4(we, wo, sp, zp, ASM, BF16)
-    if ASM:  # int32 pairs stacked as (BN, 32) [n, 4j + p] (inputs 8j + 2p, + 1), split into halves once
-        pp = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
-        pp = tl.reshape(tl.permute(pp, (0, 2, 3, 4, 1)), (BN, 32))  # [n, p, j2, j1, j0] -> [n, j2, j1, j0, p]
-        w = tl.reshape(_halves(pp, DT), (BN, 64))
-    else:
-        w = tl.join(tl.join(_chunk(p0, p1, DT, ASM), _chunk(p2, p3, DT, ASM)),
-                    tl.join(_chunk(p4, p5, DT, ASM), _chunk(p6, p7, DT, ASM)))  # (BN, 16, 2, 2): [n, i, c0, c1]
-        w = tl.reshape(tl.permute(w, (0, 3, 2, 1)), (BN, 64))  # input 32 c1 + 16 c0 + i
+    # the eight pairs stacked by j = j0 + 2 j1 + 4 j2 (trailing dims j2, j1, j0), then put in input order 8j + 2p + e
+    pp = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+    if ASM:  # int32 pairs: [n, p, j2, j1, j0] -> (BN, 32) [n, 4j + p], split into halves once
+        w = tl.reshape(_halves(tl.reshape(tl.permute(pp, (0, 2, 3, 4, 1)), (BN, 32)), DT), (BN, 64))
+    else:  # unpacked pairs: [n, p, e, j2, j1, j0] -> [n, j2, j1, j0, p, e]
+        w = tl.reshape(tl.permute(pp, (0, 3, 4, 5, 1, 2)), (BN, 64))
     return w
 
 
