@@ -1,6 +1,6 @@
 """Prompt-sized 4-bit matmuls on the Llama-3-8B shapes: the fused dequantize-GEMM (kernels/qgemm.py) over its
-tile configs, against dequantize + cuBLAS (the path it replaces) and cuBLAS alone on 16-bit weights (the
-floor of any path that multiplies in 16 bits). Prints per row count the best config of each shape and one
+tile configs, against dequantize + cuBLAS (the path it replaces), cuBLAS alone on 16-bit weights (the
+floor of any path that multiplies in 16 bits) and the engine's own choice (qgemm.use_for). Prints per row count the best config of each shape and one
 decoder layer's four matmuls each way; one JSON line per timing.
 
   PYTHONPATH=. python3 scripts/sweep_qgemm.py [--rows 512,2048] [--configs 128,128,8,3:128,256,8,3] [--dtype fp16] [--dot]
@@ -17,7 +17,7 @@ from ember.kernels.qmatmul import make_plan, qmatmul
 from scripts.bench_qmatmul import LAYER, graph_time, random_qt
 
 NAMES = ["qkv", "o", "gate/up", "down"]
-CONFIGS = "128,128,8,3:128,128,8,4:128,256,8,3:64,128,4,4:64,256,4,3:128,64,4,4:256,128,8,3"
+CONFIGS = "64,64,4,4:128,128,8,4:128,128,8,4,2:128,256,8,3:128,256,8,3,2:64,128,4,4:64,256,4,3"  # (.., split)
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     dt = torch.float16 if a.dtype == "fp16" else torch.bfloat16
     configs = [tuple(int(v) for v in c.split(",")) for c in a.configs.split(":")]
     for M in (int(v) for v in a.rows.split(",")):
-        layer = {"cublas": 0.0, "dequant": 0.0, "dot": 0.0, "best": 0.0}
+        layer = {"cublas": 0.0, "dequant": 0.0, "dot": 0.0, "best": 0.0, "engine": 0.0}
         per_cfg = {c: 0.0 for c in configs}
         for (K, N), name in zip(LAYER, NAMES):
             copies = max(2, min(8, (400 << 20) // (K * N // 2)))
@@ -49,6 +49,11 @@ def main() -> None:
                 t_dot = graph_time([lambda q=q, p=p, o=o, x=x: qmatmul(x, q, out=o, plan=p)
                                     for q, p, o in zip(qts, dplans, outs)], reps=7)
                 del dplans
+            # the engine's own choice (qgemm.use_for / pick_config, else dequantize + cuBLAS)
+            aplans = [make_plan(q) for q in qts]
+            t_auto = graph_time([lambda q=q, p=p, o=o, x=x: qmatmul(x, q, out=o, plan=p)
+                                 for q, p, o in zip(qts, aplans, outs)], reps=7)
+            del aplans
             ref = qmatmul(x, qts[0], plan=plans[0]).float()
             g = plans[0].qgemm_g
             best = (float("inf"), None)
@@ -69,16 +74,19 @@ def main() -> None:
                     best = (t, c)
             print(f"M={M} {name:8s} cuBLAS fp16 {t_cub * 1e6:8.1f} us  dequant+cuBLAS {t_deq * 1e6:8.1f} us  "
                   f"dot kernel {t_dot * 1e6:8.1f} us  "
-                  f"qgemm best {best[0] * 1e6:8.1f} us {best[1]}  ({t_cub / best[0]:.2f} of cuBLAS's rate)", flush=True)
+                  f"qgemm best {best[0] * 1e6:8.1f} us {best[1]}  ({t_cub / best[0]:.2f} of cuBLAS's rate)  "
+                  f"engine {t_auto * 1e6:8.1f} us", flush=True)
             layer["cublas"] += t_cub
             layer["dequant"] += t_deq
             layer["dot"] += t_dot
             layer["best"] += best[0]
+            layer["engine"] += t_auto
             del qts, plans, outs
             torch.cuda.empty_cache()
         one = min(per_cfg, key=per_cfg.get)
         print(f"M={M} layer ms: cuBLAS fp16 {layer['cublas'] * 1e3:.3f}  dequant+cuBLAS {layer['dequant'] * 1e3:.3f}  "
-              f"dot kernel {layer['dot'] * 1e3:.3f}  qgemm best per shape {layer['best'] * 1e3:.3f}  best single config {one} {per_cfg[one] * 1e3:.3f}",
+              f"dot kernel {layer['dot'] * 1e3:.3f}  qgemm best per shape {layer['best'] * 1e3:.3f}  best single config {one} {per_cfg[one] * 1e3:.3f}  "
+              f"engine {layer['engine'] * 1e3:.3f}",
               flush=True)
         print(json.dumps({"M": M, "layer_ms": {k: round(v * 1e3, 4) for k, v in layer.items()},
                           "single": [one, round(per_cfg[one] * 1e3, 4)]}))

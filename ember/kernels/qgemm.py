@@ -158,20 +158,36 @@ def _wblock(q_ptr, s_ptr, z_ptr, t, N, wofs, sofs, wmask, zsym, BN: tl.constexpr
 
 
 @triton.jit
-def qgemm4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+def qgemm4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_om, n_whole,
                   BN: tl.constexpr, BM: tl.constexpr, HAS_ZEROS: tl.constexpr, TPG: tl.constexpr,
                   EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, ASM: tl.constexpr, NW: tl.constexpr,
-                  KB: tl.constexpr):
+                  KB: tl.constexpr, SPLIT: tl.constexpr):
     """out (M, N) = x (M, K) @ W^T for a 4-bit matrix of one segment (word rows 8t .. 8t + 7 for inputs 64t ..
     64t + 63, scale row t // TPG for groups of 64 TPG inputs; TPG = 0: groups of 32, rows 2t and 2t + 1; a
     constexpr, so no division in the loop). KB: blocks of 64 a step (2 when K % 128 == 0). EVEN_M / EVEN_N:
-    no partial tiles, no masks. Program (pid_m, pid_n): rows BM pid_m .., outputs
-    BN pid_n ..; pid_m varies fastest, so the programs sharing a block of W run together and it is read from
-    memory about once. NW = num_warps; BN a multiple of 16 NW (16 rows a warp, an even number of registers)."""
+    no partial tiles, no masks. Tile (pid_m, pid_n): rows BM pid_m .., outputs BN pid_n ..; pid_m varies
+    fastest, so the programs sharing a block of W run together and it is read from memory about once.
+    NW = num_warps; BN a multiple of 16 NW (16 rows a warp, an even number of registers).
+    A 1-D grid: programs 0 .. n_whole - 1 each compute tile pid whole; each later tile is split along K into
+    SPLIT equal runs (K a multiple of 64 KB SPLIT), SPLIT consecutive programs. A split program stores its
+    fp32 partial to ws (tile - n_whole, s, BN, BM); the last program of a tile (cnt_ptr, one int32 a split
+    tile, zero between launches) adds the partials in order s = 0, 1, .. (the same result whichever finishes
+    last) and stores y. What it is for: narrow matrices at prompt sizes (o, down: N = 4096 makes 64 tiles of
+    128 x 256 at 512 rows, on 132 SMs), and the last, partial wave of a wide one (split_plan)."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
     BASE: tl.constexpr = 128 if DT == tl.bfloat16 else 1024
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid = tl.program_id(0)
+    n_split = 1
+    pid_s = 0
+    tile = pid
+    if SPLIT > 1:
+        if pid >= n_whole:
+            n_split = SPLIT
+            pid_s = (pid - n_whole) % SPLIT
+            tile = n_whole + (pid - n_whole) // SPLIT
+    num_m = tl.cdiv(M, BM)
+    pid_m = tile % num_m
+    pid_n = tile // num_m
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_mask = offs_n < N
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -194,9 +210,18 @@ def qgemm4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
     # The loop runs at least once. Without this the compiler keeps a zero-trip path that re-zeroes the
     # accumulator, and ptxas then serializes every wgmma (C7515: each one waits for the last to finish,
     # offline SASS), so the decode could not overlap the tensor cores.
-    tl.assume(K >= 64 * KB)
+    tl.assume(K >= 64 * KB * SPLIT)
     zsym = _pair_bits(tl.full((BN, 4), BASE + 8, tl.float32), DT)  # symmetric: the zero is 8
-    for t in range(K // (64 * KB)):
+    steps = K // (64 * KB)
+    if SPLIT > 1:  # a split program starts at block b0 of 64: the pointers move, so the loop is the unsplit one
+        steps = steps // n_split
+        tl.assume(steps >= 1)
+        b0 = pid_s * steps * KB  # a multiple of TPG (qgemm checks)
+        q_ptr += b0 * 8 * N
+        x_ptr += b0 * 64
+        s_ptr += (2 * b0 if TPG == 0 else b0 // TPG) * N
+        z_ptr += (2 * b0 if TPG == 0 else b0 // TPG) * N
+    for t in range(steps):
         w = _wblock(q_ptr, s_ptr, z_ptr, t * KB, N, wofs, sofs, wmask, zsym, BN, NW, TPG, HAS_ZEROS, EVEN_N, ASM, DT)
         if KB == 2:  # two blocks of 64 a step: the loop's fixed work (barrier, waits, addresses) is paid half as often
             w2 = _wblock(q_ptr, s_ptr, z_ptr, t * KB + 1, N, wofs, sofs, wmask, zsym, BN, NW, TPG, HAS_ZEROS,
@@ -208,49 +233,69 @@ def qgemm4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, strid
             acc = tl.dot(w, tl.trans(x), acc)
         else:  # the interpreter's tl.dot mishandles bf16 operands: fp32 holds both 16-bit types exactly
             acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc)
-    tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], acc.to(DT),
-             mask=None if EVEN_M and EVEN_N else m_mask[None, :] & n_mask[:, None])
+    y_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+    y_mask = None if EVEN_M and EVEN_N else m_mask[None, :] & n_mask[:, None]
+    if n_split == 1:
+        tl.store(y_ptrs, acc.to(DT), mask=y_mask)
+    else:
+        ti = tile - n_whole
+        local = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
+        part = ws_ptr + ti.to(tl.int64) * (SPLIT * BN * BM)
+        tl.store(part + pid_s * (BN * BM) + local, acc)
+        tl.debug_barrier()  # every thread's partial is issued before the counter is released
+        if tl.atomic_add(cnt_ptr + ti, 1, sem="acq_rel") == SPLIT - 1:  # the last split of this tile
+            total = tl.load(part + local)
+            for s in tl.static_range(1, SPLIT):
+                total += tl.load(part + s * (BN * BM) + local)
+            tl.store(y_ptrs, total.to(DT), mask=y_mask)
+            tl.atomic_xchg(cnt_ptr + ti, 0, sem="relaxed")  # zero again for the next launch
 
 
 # Where the fused kernel beats dequantize + cuBLAS, and its tiles, by rows M and outputs N (H100, Llama-3-8B
-# shapes, scripts/sweep_qgemm.py, docs/benchmarks.md thirteenth round; us, fused against dequantize + cuBLAS):
-# - gate/up (N = 28672): 93.8 / 202.1 at 128 rows, 130.6 / 215.6 at 256, 251.3 / 283.3 at 512, tied at 384;
+# shapes, scripts/sweep_qgemm.py, docs/benchmarks.md thirteenth and fourteenth rounds; us, fused against
+# dequantize + cuBLAS):
+# - gate/up (N = 28672): 93.8 / 202.1 at 128 rows, 130.6 / 215.6 at 256, 251.3 / 283.3 at 512 (its 448 tiles
+#   fill 3.4 waves of 132 SMs: the last 52 run split in two, split_plan), tied at 384;
 # - qkv (N = 6144): 36.0 / 52.5 at 128, 44.0 / 56.1 at 256, lost from 384 on;
-# - down (N = 4096, K = 14336): 104.1 / 113.8 at 128, 114.5 / 133.3 at 192, lost from 256 on;
-# - o (N = 4096, K = 4096): never ahead (31.6 / 30.2 at 128);
+# - down (N = 4096, K = 14336): 104.1 / 113.8 at 128, 114.5 / 133.3 at 192; split along K (64 tiles of 128 x 256
+#   at 512 rows): 86.5 / 116.5 at 256, 121.2 / 138.8 at 512;
+# - o (N = 4096, K = 4096): never clearly ahead (split: 32.0 / 32.9 at 256, 45.3 / 40.6 at 512);
 # at 2048 rows every shape loses (0.70 of cuBLAS's rate on 16-bit weights: no longer pays for the dequantize).
 
 
 def use_for(M: int, N: int, K: int) -> bool:
     """Whether M rows of an N x K matrix go through the fused kernel (else dequantize + cuBLAS). Only whole tiles
-    (M and N multiples of the picked tile) and two blocks a step (K % 128 == 0): the form that matched
-    dequantize + cuBLAS bit for bit on the H100 (sweep calls R4, R5). An earlier build with masked loads
-    differed by 3-4% on 15 of 112 products (R3) and the masked build of the final code has not run on a GPU
-    since, so it stays off the default path (the graph prefill pads prompts to multiples of 256 rows anyway)."""
+    (M and N multiples of the picked tile) and two blocks a step (K % 128 == 0): the form the sweeps time. The
+    masked form (partial tiles) passes the GPU tests (fourteenth round) but is not timed (the graph prefill pads
+    prompts to multiples of 256 rows)."""
     if N >= 16384:
         rows = M <= 512
     elif N >= 6144:
         rows = M <= 256
     else:
-        rows = K >= 8192 and M <= 192
-    bn, bm, _, _ = pick_config(M, N)
+        rows = K >= 8192 and M <= 512
+    bn, bm = pick_config(M, N, K)[:2]
     return rows and M % bm == 0 and N % bn == 0 and K % 128 == 0
 
 
-def pick_config(M: int, N: int) -> tuple[int, int, int, int]:
-    """(BN, BM, warps, stages), the sweep's best at the rows measured nearest."""
+def pick_config(M: int, N: int, K: int) -> tuple[int, int, int, int, int]:
+    """(BN, BM, warps, stages, split), the sweep's best at the rows measured nearest; split > 1: the tiles of
+    a last partial wave (or all, when they fill less than one) are split along K (split_plan)."""
     if N >= 16384:
-        return (128, 128, 8, 4) if M <= 128 else (128, 256, 8, 3)
+        return (128, 128, 8, 4, 1) if M <= 128 else (128, 256, 8, 3, 2)
     if N >= 6144:
-        return (64, 128, 4, 4) if M <= 128 else (128, 128, 8, 4) if M <= 192 else (64, 256, 4, 3)
-    return (64, 64, 4, 4)
+        return (64, 128, 4, 4, 1) if M <= 128 else (128, 128, 8, 4, 1) if M <= 192 else (64, 256, 4, 3, 1)
+    if M <= 192:
+        return (64, 64, 4, 4, 1)
+    return (128, 128, 8, 4, 2) if M <= 256 else (128, 256, 8, 3, 2)
 
 
-def env_config() -> tuple[int, int, int, int] | None:
-    """EMBER_QGEMM_CFG="BN,BM,warps,stages" (A/B runs; it overrides pick_config after use_for has chosen the
-    kernel, so a tile that does not divide M or N takes the masked form), else None (the default)."""
+def env_config() -> tuple[int, ...] | None:
+    """EMBER_QGEMM_CFG="BN,BM,warps,stages[,split]" (or the same joined by "x", for A/B arms that split on
+    commas); A/B runs: it overrides pick_config after use_for has chosen the kernel, so a tile that does not
+    divide M or N takes the masked form. None (the default) when unset."""
     v = os.environ.get("EMBER_QGEMM_CFG")
-    return tuple(int(a) for a in v.split(",")) if v else None
+    return tuple(int(a) for a in v.replace("x", ",").split(",")) if v else None
 
 
 def group_size(qt, segs: list[list[int]]) -> int:
@@ -260,6 +305,41 @@ def group_size(qt, segs: list[list[int]]) -> int:
     if len(segs) != 1 or segs[0][2] != 4 or qt.perm is not None or qt.out_features % 16:
         return 0
     return segs[0][3]
+
+
+# Split-K tile counters per device, zero between launches (the last program of a tile re-zeroes its own).
+# Made by counters() from make_plan, before any graph capture; a launch with more tiles than this runs unsplit.
+_COUNTERS: dict[str, torch.Tensor] = {}
+N_COUNTERS = 1 << 14
+
+
+def counters(device: torch.device) -> torch.Tensor:
+    c = _COUNTERS.get(str(device))
+    if c is None:
+        c = _COUNTERS[str(device)] = torch.zeros(N_COUNTERS, dtype=torch.int32, device=device)
+    return c
+
+
+def split_plan(tiles: int, split: int, slots: int) -> int:
+    """How many tiles run whole (the first ones) when the others may each be split into `split` programs of
+    1/split the work, on `slots` programs at once: the fewest split tiles that give the shortest run, counted
+    in waves of whole-tile time (programs start in order, each on the first free slot). 64 tiles on 132
+    slots: all split (1 -> 1/2); 448 tiles: 3 whole waves, then the last 52 tiles split (4 -> 3.5 waves);
+    96 tiles, split 2: none (192 halves take as long as 96 wholes)."""
+    best, best_w = tiles, float(triton.cdiv(tiles, slots))
+    for waves in range(tiles // slots, -1, -1):  # whole tiles in full waves, the rest split
+        n_whole = waves * slots
+        t = waves + triton.cdiv((tiles - n_whole) * split, slots) / split
+        if t < best_w - 1e-9:
+            best, best_w = n_whole, t
+    return best
+
+
+def _slots(device, bm: int, bn: int) -> int:
+    """Programs that run at once: one a streaming multiprocessor for tiles of 128 x 128 and up (registers and
+    shared memory take the whole SM, offline compile), two for smaller ones; 132 under the interpreter (H100)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return sms * (1 if bm * bn >= 128 * 128 else 2)
 
 
 def takes(x2) -> bool:
@@ -277,20 +357,31 @@ def _kb(K: int) -> int:
     return 2 if K % 128 == 0 and os.environ.get("EMBER_QGEMM_KB", "2") != "1" else 1
 
 
-def qgemm(x2, qt, out2, g: int, config: tuple[int, int, int, int] | None = None, asm: bool | None = None):
+def qgemm(x2, qt, out2, g: int, config: tuple[int, ...] | None = None, asm: bool | None = None):
     """out2 (M, N) = x2 (M, K) @ dequantize(qt)^T for a matrix of group size g = group_size(...) > 0; x2
-    contiguous rows."""
+    contiguous rows. config: (BN, BM, warps, stages[, split]), default pick_config."""
     M, K = x2.shape
     N = qt.out_features
-    bn, bm, warps, stages = config or pick_config(M, N)
+    bn, bm, warps, stages, split = (*(config or pick_config(M, N, K)), 1)[:5]
     if bn % (16 * warps):
         raise ValueError(f"qgemm tile {config}: BN must be a multiple of 16 x warps with 2+ rows a thread")
     if asm is None:
         asm = x2.device.type == "cuda"
+    kb = _kb(K)
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    cnt = counters(x2.device)
+    if split > 1 and (K % (64 * kb * split) or (K // (64 * split)) % max(1, g // 64)):
+        split = 1  # K does not divide into equal runs of whole steps and groups
+    n_whole = split_plan(tiles, split, _slots(x2.device, bm, bn)) if split > 1 else tiles
+    if tiles - n_whole > cnt.numel():
+        n_whole = tiles  # too many split tiles to count
+    grid = (n_whole + (tiles - n_whole) * split,)
+    ws = out2  # never touched when no tile is split
+    if n_whole < tiles:
+        ws = torch.empty((tiles - n_whole) * split * bn * bm, dtype=torch.float32, device=x2.device)
     zeros = qt.qzeros if qt.qzeros is not None else qt.scales  # unread when symmetric
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    qgemm4_kernel[grid](x2, qt.qweight, qt.scales, zeros, out2, M, N, K, x2.stride(0), out2.stride(0),
+    qgemm4_kernel[grid](x2, qt.qweight, qt.scales, zeros, out2, ws, cnt, M, N, K, x2.stride(0), out2.stride(0), n_whole,
                         BN=bn, BM=bm, HAS_ZEROS=qt.qzeros is not None, TPG=g // 64, EVEN_M=M % bm == 0,
-                        EVEN_N=N % bn == 0, ASM=asm, NW=warps, KB=_kb(K),
+                        EVEN_N=N % bn == 0, ASM=asm, NW=warps, KB=kb, SPLIT=split if n_whole < tiles else 1,
                         num_warps=warps, num_stages=stages)
     return out2

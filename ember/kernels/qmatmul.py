@@ -204,8 +204,11 @@ def make_plan(qt: QuantizedTensor, tiles_per_split: int | None = None,
     if qt.perm is not None:
         inv = torch.empty_like(qt.perm)
         inv[qt.perm.long()] = torch.arange(K, dtype=qt.perm.dtype, device=device)
+    g = qgemm.group_size(qt, segs)
+    if g:
+        qgemm.counters(device)  # made now, not during a graph capture
     return QMatmulPlan(modes, widths, any(s[3] == 32 for s in segs), large_mode, ws, deq,
-                       fp8_plan(qt, deq) if fp8 else None, inv, qgemm.group_size(qt, segs))
+                       fp8_plan(qt, deq) if fp8 else None, inv, g)
 
 
 # Split-K workspace per device: fp32 sums and per-block counters, all zero between launches (the last

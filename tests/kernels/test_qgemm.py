@@ -38,6 +38,45 @@ def test_qgemm_matches_reference(dtype, g, asym):
     assert rel_err(make_qt([(192, 4, 64 if g == 128 else g)], 64, asym=asym), 32, dtype, (64, 16, 4, 1)) < tol  # K % 128 = 64: one block a step
 
 
+@pytest.mark.parametrize("split,K", [(2, 256), (3, 384), (2, 192)], ids=["s2", "s3", "s2kb1"])
+def test_qgemm_split_k(split, K):
+    """Split-K: each split's fp32 partial, summed by the last program of a tile, equals the unsplit product up
+    to fp32 summation order; partial tiles too; the tile counters are zero again afterwards (the next launch, or
+    a graph replay, starts from zero). K = 192: one block a step, 3 steps cannot split in 2 -> runs unsplit."""
+    qt = make_qt([(K, 4, 64)], 80, asym=True)
+    whole = rel_err(qt, 21, torch.float16, (64, 16, 4, 1))
+    split_err = rel_err(qt, 21, torch.float16, (64, 16, 4, 1, split))
+    assert split_err < 2e-3 and abs(split_err - whole) < 5e-4
+    assert int(qgemm.counters(torch.device(DEV)).abs().sum()) == 0
+    # the same tile counters serve a second launch
+    assert rel_err(qt, 32, torch.float16, (64, 16, 4, 1, split), seed=1) < 2e-3
+    assert int(qgemm.counters(torch.device(DEV)).abs().sum()) == 0
+
+
+def test_qgemm_tail_split(monkeypatch):
+    """Whole tiles and split ones in one launch: 4 tiles on 3 slots run 3 whole, then the last split in two
+    (split_plan), and the result matches the unsplit product."""
+    qt = make_qt([(256, 4, 128)], 80, asym=False)
+    whole = rel_err(qt, 21, torch.float16, (64, 16, 4, 1))
+    monkeypatch.setattr(qgemm, "_slots", lambda *a: 3)
+    launched = []
+    real = qgemm.qgemm4_kernel
+    monkeypatch.setattr(qgemm, "qgemm4_kernel", type("K", (), {"__getitem__": lambda self, grid: (
+        launched.append(grid), real[grid])[1]})())
+    assert abs(rel_err(qt, 21, torch.float16, (64, 16, 4, 1, 2)) - whole) < 5e-4
+    assert launched == [(3 + 2,)]
+    assert int(qgemm.counters(torch.device(DEV)).abs().sum()) == 0
+
+
+def test_split_plan():
+    """The waves each choice takes, in whole-tile times: fewer only where splitting fills a partial wave."""
+    assert qgemm.split_plan(64, 2, 132) == 0  # 1 -> 1/2: all split
+    assert qgemm.split_plan(448, 2, 132) == 396  # 4 -> 3.5: the last 52 tiles split
+    assert qgemm.split_plan(96, 2, 132) == 96  # 192 halves take as long as 96 wholes
+    assert qgemm.split_plan(96, 4, 132) == 0  # 1 -> 3/4
+    assert qgemm.split_plan(132, 2, 132) == 132  # one full wave
+
+
 def test_qgemm_eligibility():
     """Only plain one-segment 4-bit matrices with N % 16 == 0 go through the fused kernel."""
     assert make_plan(make_qt([(128, 4, 64)], 32)).qgemm_g == 64
@@ -67,21 +106,22 @@ def test_qmatmul_routes_many_rows_to_qgemm(monkeypatch):
 
 
 def test_qgemm_rule():
-    """The measured rule (qgemm.py): the wide gate/up up to 512 rows, qkv up to 256, down up to 192, never o; each
-    pick a valid tile."""
+    """The measured rule (qgemm.py): the wide gate/up up to 512 rows, qkv up to 256, down up to 512 (split along K
+    from 256 rows), never o; each pick a valid tile."""
     shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
     taken = {name: [M for M in (64, 65, 128, 192, 256, 384, 512, 513, 2048) if qgemm.use_for(M, N, K)]
              for name, (N, K) in shapes.items()}
     # whole tiles only (65 and 513 rows would need masks), and K % 128 == 0
-    assert taken == {"qkv": [128, 256], "o": [], "gate_up": [128, 256, 512], "down": [64, 128, 192]}
+    assert taken == {"qkv": [128, 256], "o": [], "gate_up": [128, 256, 512], "down": [64, 128, 192, 256, 512]}
     assert not qgemm.use_for(256, 6144, 4096 + 64)
     for M in (65, 128, 192, 256, 512):
-        for N in (4096, 6144, 28672):
-            bn, bm, warps, stages = qgemm.pick_config(M, N)
-            assert bn % (16 * warps) == 0 and bm in (64, 128, 256) and stages >= 3
+        for N, K in ((4096, 14336), (6144, 4096), (28672, 4096)):
+            bn, bm, warps, stages, split = qgemm.pick_config(M, N, K)
+            assert bn % (16 * warps) == 0 and bm in (64, 128, 256) and stages >= 3 and split >= 1
 
 
-CONFIGS = [(64, 64, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 64, 4, 4)]
+CONFIGS = [(64, 64, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 64, 4, 4),
+           (256, 128, 16, 3), (128, 256, 8, 3, 2), (256, 128, 16, 3, 2), (128, 128, 8, 4, 3)]
 
 
 @pytest.mark.gpu
