@@ -158,10 +158,28 @@ def _wblock(q_ptr, s_ptr, z_ptr, t, N, wofs, sofs, wmask, zsym, BN: tl.constexpr
 
 
 @triton.jit
+def _store_y(acc, out_ptr, offs_m, m_mask, pid_n, N, stride_om, BN: tl.constexpr, BM: tl.constexpr,
+             EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, GLU: tl.constexpr, DT: tl.constexpr):
+    """Store a tile's fp32 sums acc (BN, BM) = y^T, rounded to DT; GLU: rows [gate | up] -> silu(gate) * up of
+    the rounded values (as the separate SiLU-and-multiply computes it), BN/2 outputs."""
+    if GLU:
+        y = acc.to(DT).to(tl.float32)
+        gate, up = tl.split(tl.permute(tl.reshape(y, (2, BN // 2, BM)), (1, 2, 0)))  # (BN/2, BM) each
+        cols = pid_n * (BN // 2) + tl.arange(0, BN // 2)
+        act = gate / (1.0 + tl.exp(-gate)) * up
+        tl.store(out_ptr + offs_m[None, :] * stride_om + cols[:, None], act.to(DT),
+                 mask=None if EVEN_M and EVEN_N else m_mask[None, :] & (cols < N // 2)[:, None])
+    else:
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], acc.to(DT),
+                 mask=None if EVEN_M and EVEN_N else m_mask[None, :] & (offs_n < N)[:, None])
+
+
+@triton.jit
 def qgemm4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_xm, stride_om, n_whole,
                   BN: tl.constexpr, BM: tl.constexpr, HAS_ZEROS: tl.constexpr, TPG: tl.constexpr,
                   EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, ASM: tl.constexpr, NW: tl.constexpr,
-                  KB: tl.constexpr, SPLIT: tl.constexpr):
+                  KB: tl.constexpr, SPLIT: tl.constexpr, GLU: tl.constexpr):
     """out (M, N) = x (M, K) @ W^T for a 4-bit matrix of one segment (word rows 8t .. 8t + 7 for inputs 64t ..
     64t + 63, scale row t // TPG for groups of 64 TPG inputs; TPG = 0: groups of 32, rows 2t and 2t + 1; a
     constexpr, so no division in the loop). KB: blocks of 64 a step (2 when K % 128 == 0). EVEN_M / EVEN_N:
@@ -173,7 +191,10 @@ def qgemm4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K,
     fp32 partial to ws (tile - n_whole, s, BN, BM); the last program of a tile (cnt_ptr, one int32 a split
     tile, zero between launches) adds the partials in order s = 0, 1, .. (the same result whichever finishes
     last) and stores y. What it is for: narrow matrices at prompt sizes (o, down: N = 4096 makes 64 tiles of
-    128 x 256 at 512 rows, on 132 SMs), and the last, partial wave of a wide one (split_plan)."""
+    128 x 256 at 512 rows, on 132 SMs), and the last, partial wave of a wide one (split_plan).
+    GLU: W is [gate | up] (N = 2I) and out (M, I) = silu(gate) * up of the rounded product: a tile's first BN/2
+    rows are gate rows, the others the up rows of the same outputs (only the addresses change; the
+    SiLU-and-multiply of the prompt's MLP, a separate pass over (M, 2I) otherwise, is done in registers)."""
     DT: tl.constexpr = x_ptr.dtype.element_ty
     BASE: tl.constexpr = 128 if DT == tl.bfloat16 else 1024
     pid = tl.program_id(0)
@@ -188,8 +209,6 @@ def qgemm4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K,
     num_m = tl.cdiv(M, BM)
     pid_m = tile % num_m
     pid_n = tile // num_m
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    n_mask = offs_n < N
     offs_m = pid_m * BM + tl.arange(0, BM)
     m_mask = offs_m < M
     # The (BN, 4) word tiles are loaded as one flat run i < BN * 4, which gets the default 1-D layout (lane
@@ -202,10 +221,15 @@ def qgemm4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K,
     lane = i % 32
     reg = i // (32 * NW)
     col = lane // 4 + 8 * (reg % 2) + 16 * ((i // 32) % NW) + 16 * NW * (reg // 2)
-    wofs = (2 * (lane % 4)) * N + pid_n * BN + col  # word 2p of that column, from the block's first row
-    wmask = pid_n * BN + col < N
+    if GLU:  # tile row c < BN/2: gate row pid_n BN/2 + c; c >= BN/2: the up row I + pid_n BN/2 + c - BN/2
+        row = pid_n * (BN // 2) + col % (BN // 2) + (col // (BN // 2)) * (N // 2)
+        wmask = pid_n * (BN // 2) + col % (BN // 2) < N // 2
+    else:
+        row = pid_n * BN + col
+        wmask = row < N
+    wofs = (2 * (lane % 4)) * N + row  # word 2p of that row, from the block's first word row
     xmask = m_mask[:, None]
-    sofs = pid_n * BN + col
+    sofs = row
     acc = tl.zeros((BN, BM), tl.float32)
     # The loop runs at least once. Without this the compiler keeps a zero-trip path that re-zeroes the
     # accumulator, and ptxas then serializes every wgmma (C7515: each one waits for the last to finish,
@@ -233,10 +257,8 @@ def qgemm4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K,
             acc = tl.dot(w, tl.trans(x), acc)
         else:  # the interpreter's tl.dot mishandles bf16 operands: fp32 holds both 16-bit types exactly
             acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc)
-    y_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
-    y_mask = None if EVEN_M and EVEN_N else m_mask[None, :] & n_mask[:, None]
     if n_split == 1:
-        tl.store(y_ptrs, acc.to(DT), mask=y_mask)
+        _store_y(acc, out_ptr, offs_m, m_mask, pid_n, N, stride_om, BN, BM, EVEN_M, EVEN_N, GLU, DT)
     else:
         ti = tile - n_whole
         local = tl.arange(0, BN)[:, None] * BM + tl.arange(0, BM)[None, :]
@@ -247,7 +269,7 @@ def qgemm4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K,
             total = tl.load(part + local)
             for s in tl.static_range(1, SPLIT):
                 total += tl.load(part + s * (BN * BM) + local)
-            tl.store(y_ptrs, total.to(DT), mask=y_mask)
+            _store_y(total, out_ptr, offs_m, m_mask, pid_n, N, stride_om, BN, BM, EVEN_M, EVEN_N, GLU, DT)
             tl.atomic_xchg(cnt_ptr + ti, 0, sem="relaxed")  # zero again for the next launch
 
 
@@ -357,9 +379,10 @@ def _kb(K: int) -> int:
     return 2 if K % 128 == 0 and os.environ.get("EMBER_QGEMM_KB", "2") != "1" else 1
 
 
-def qgemm(x2, qt, out2, g: int, config: tuple[int, ...] | None = None, asm: bool | None = None):
+def qgemm(x2, qt, out2, g: int, config: tuple[int, ...] | None = None, asm: bool | None = None, glu: bool = False):
     """out2 (M, N) = x2 (M, K) @ dequantize(qt)^T for a matrix of group size g = group_size(...) > 0; x2
-    contiguous rows. config: (BN, BM, warps, stages[, split]), default pick_config."""
+    contiguous rows. config: (BN, BM, warps, stages[, split]), default pick_config. glu: qt is [gate | up]
+    (N = 2I, I a multiple of BN/2 unless the tile is masked) and out2 (M, I) = silu(gate) * up."""
     M, K = x2.shape
     N = qt.out_features
     bn, bm, warps, stages, split = (*(config or pick_config(M, N, K)), 1)[:5]
@@ -382,6 +405,6 @@ def qgemm(x2, qt, out2, g: int, config: tuple[int, ...] | None = None, asm: bool
     zeros = qt.qzeros if qt.qzeros is not None else qt.scales  # unread when symmetric
     qgemm4_kernel[grid](x2, qt.qweight, qt.scales, zeros, out2, ws, cnt, M, N, K, x2.stride(0), out2.stride(0), n_whole,
                         BN=bn, BM=bm, HAS_ZEROS=qt.qzeros is not None, TPG=g // 64, EVEN_M=M % bm == 0,
-                        EVEN_N=N % bn == 0, ASM=asm, NW=warps, KB=kb, SPLIT=split if n_whole < tiles else 1,
+                        EVEN_N=(N // 2) % (bn // 2) == 0 if glu else N % bn == 0, ASM=asm, GLU=glu, NW=warps, KB=kb, SPLIT=split if n_whole < tiles else 1,
                         num_warps=warps, num_stages=stages)
     return out2

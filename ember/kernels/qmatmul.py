@@ -458,6 +458,25 @@ def takes_fp8(plan: QMatmulPlan, M: int) -> bool:
     return plan.fp8 is not None and _pick_launch(plan, M) is None
 
 
+def _takes_qgemm(plan: QMatmulPlan, x2: torch.Tensor, N: int, K: int) -> bool:
+    """Whether the many rows of x2 go through the fused dequantize-GEMM (qgemm.py) under this plan."""
+    M = x2.shape[0]
+    return (bool(plan.qgemm_g) and plan.large_mode == "auto" and plan.fp8 is None and _pick_launch(plan, M) is None
+            and qgemm.use_for(M, N, K) and _qgemm_on() and qgemm.takes(x2))
+
+
+def fuses_glu(plan: QMatmulPlan, qt: QuantizedTensor, x: torch.Tensor) -> bool:
+    """Whether qmatmul(x, qt, epi=Epilogue(glu=True)) does the SiLU-and-multiply inside the matmul (the fused
+    dequantize-GEMM's store, for prompts) rather than after it: the MLP then asks for it."""
+    return (_takes_qgemm(plan, x.reshape(-1, qt.in_features), qt.out_features, qt.in_features)
+            and qt.bias is None and qt.had == 0 and _glu_on())
+
+
+def _glu_on() -> bool:
+    """EMBER_QGEMM_GLU=0: the prompt's SiLU-and-multiply as its own pass after the fused dequantize-GEMM (A/B)."""
+    return os.environ.get("EMBER_QGEMM_GLU", "1") != "0"
+
+
 def qmatmul(x: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor | None = None,
             plan: QMatmulPlan | None = None, epi: Epilogue | None = None) -> torch.Tensor:
     """x (..., K) fp16/bf16 -> (..., N) in x's dtype (written into `out` when given); with `epi`, the fused
@@ -476,7 +495,10 @@ def qmatmul(x: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor | None = Non
         x2 = rotate(x2, qt.had, plan.inv_perm if permuted else None)
     elif permuted:
         x2 = permute_inputs(x2, qt.perm)
-    fused = epi is not None and pick is not None and qt.bias is None and (not epi.glu or _glu_fits(pick[0], N))
+    use_qgemm = pick is None and _takes_qgemm(plan, x2, N, K)
+    glu_only = epi is not None and epi.glu and epi.rms_in is None and epi.residual is None and qt.bias is None
+    fused = (epi is not None and pick is not None and qt.bias is None and (not epi.glu or _glu_fits(pick[0], N))) \
+        or (use_qgemm and glu_only)
     width = N // 2 if epi is not None and epi.glu else N  # of the returned tensor
     given = out
     if out is None or (epi is not None and not fused):  # unfused epilogue: the plain product first
@@ -487,8 +509,8 @@ def qmatmul(x: torch.Tensor, qt: QuantizedTensor, out: torch.Tensor | None = Non
         _run_kernel(x2, qt, plan, launch, out2, use_dot, block_m, epi if fused else None, permuted)
     elif plan.fp8 is not None:
         qmatmul_fp8(x2, qt, plan.fp8, out2)
-    elif plan.qgemm_g and plan.large_mode == "auto" and qgemm.use_for(M, N, K) and _qgemm_on() and qgemm.takes(x2):
-        qgemm.qgemm(x2, qt, out2, plan.qgemm_g, qgemm.env_config())
+    elif use_qgemm:
+        qgemm.qgemm(x2, qt, out2, plan.qgemm_g, qgemm.env_config(), glu=fused)
     else:
         # act-order: the weight's rows are stored back in input order rather than x gathered (M x K)
         torch.matmul(x2, dequantize_permuted(qt, plan, x.dtype, unpermute=qt.perm is not None), out=out2)

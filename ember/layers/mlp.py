@@ -6,6 +6,7 @@ from torch import nn
 
 from ember.config import ModelConfig
 from ember.kernels import ops
+from ember.kernels.epilogue import Epilogue
 from ember.layers.linear import Linear
 
 
@@ -21,6 +22,8 @@ class MLP(nn.Module):
         gate_up (with glu: it returns silu(gate) * up) and into down."""
         if epi_in is not None:
             act = self.gate_up_proj(x, epi_in)  # (T, I)
+        elif getattr(self.gate_up_proj, "fuses_glu", None) and self.gate_up_proj.fuses_glu(x):
+            act = self.gate_up_proj(x, Epilogue(glu=True))  # prompts: SiLU-and-multiply in the matmul's store
         else:
             gate_up = self.gate_up_proj(x)  # (T, 2I)
             down, rows = self.down_proj, gate_up.shape[0]

@@ -55,6 +55,16 @@ class QuantLinear(nn.Module):
         self.prepare()
         return takes_fp8(self._plan, rows)
 
+    def fuses_glu(self, x: torch.Tensor) -> bool:
+        """Whether forward(x, Epilogue(glu=True)) does the SiLU-and-multiply inside the matmul (qmatmul.fuses_glu:
+        prompts through the fused dequantize-GEMM), so the MLP should ask for it instead of a separate pass."""
+        if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)):
+            return False
+        from ember.kernels.qmatmul import fuses_glu
+
+        self.prepare()
+        return fuses_glu(self._plan, self.qt, x)
+
     def forward_rounded(self, a8: torch.Tensor, sa: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
         """(rows, N) in dtype from input already rounded by qmatmul_fp8.quantize_act: a8 (MP, K) e4m3 in
         permuted input order, sa (K/128, MP) its scales."""

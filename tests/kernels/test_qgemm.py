@@ -68,6 +68,45 @@ def test_qgemm_tail_split(monkeypatch):
     assert int(qgemm.counters(torch.device(DEV)).abs().sum()) == 0
 
 
+@pytest.mark.parametrize("config", [(64, 16, 4, 1), (64, 16, 4, 1, 2)], ids=["whole", "split"])
+@pytest.mark.parametrize("inter", [64, 40], ids=["even", "masked"])
+def test_qgemm_glu(config, inter):
+    """glu: W = [gate | up] (N = 2I), out (M, I) = silu(gate) * up of the rounded product, what qmatmul then
+    the separate SiLU-and-multiply give; I = 40: a partial half-tile. Split tiles finish the same way."""
+    from ember.kernels.reference import silu_and_mul
+
+    qt = make_qt([(256, 4, 64)], 2 * inter, asym=True)
+    x = torch.randn(21, 256, device=DEV).half()
+    ref = silu_and_mul((x.float() @ dequantize(qt).to(DEV).T).half()).float()
+    out = torch.full((21, inter), float("nan"), dtype=torch.float16, device=DEV)
+    qgemm.qgemm(x, qt, out, make_plan(qt).qgemm_g, config, glu=True)
+    assert torch.isfinite(out).all()
+    assert ((out.float() - ref).norm() / ref.norm()) < 2e-3
+
+
+def test_qmatmul_glu_epilogue_through_qgemm(monkeypatch):
+    """qmatmul(epi=Epilogue(glu=True)) on many rows fuses the SiLU-and-multiply into qgemm's store (one launch,
+    (M, I) out) when the fused kernel takes the rows; fuses_glu says so; EMBER_QGEMM_GLU=0 turns it off."""
+    from ember.kernels.epilogue import Epilogue
+    from ember.kernels.qmatmul import fuses_glu
+    from ember.kernels.reference import silu_and_mul
+
+    qt = make_qt([(128, 4, 64)], 64, asym=True)
+    x = torch.randn(70, 128, device=DEV).half()
+    plan = make_plan(qt)
+    monkeypatch.setattr(qgemm, "use_for", lambda M, N, K: True)
+    globs = []
+    real = qgemm.qgemm
+    monkeypatch.setattr(qgemm, "qgemm", lambda *a, **k: globs.append(k.get("glu")) or real(*a, **k))
+    ref = silu_and_mul(qmatmul(x, qt, plan=plan)).float()
+    assert fuses_glu(plan, qt, x)
+    out = qmatmul(x, qt, plan=plan, epi=Epilogue(glu=True))
+    assert out.shape == (70, 32) and globs == [False, True]
+    assert ((out.float() - ref).norm() / ref.norm()) < 2e-3
+    monkeypatch.setenv("EMBER_QGEMM_GLU", "0")
+    assert not fuses_glu(plan, qt, x)
+
+
 def test_split_plan():
     """The waves each choice takes, in whole-tile times: fewer only where splitting fills a partial wave."""
     assert qgemm.split_plan(64, 2, 132) == 0  # 1 -> 1/2: all split
@@ -134,3 +173,45 @@ def test_gpu_qgemm_configs(config, dtype):
     for spec, asym, M in (((1536, 4, 128), False, 333), ((1024, 4, 32), True, 130)):
         qt = make_qt([spec], 784, asym=asym)
         assert rel_err(qt, M, dtype, config) < tol, (spec, asym, M)
+
+
+def test_mlp_asks_for_fused_glu(monkeypatch):
+    """The MLP hands gate/up an Epilogue(glu=True) when the layer says it fuses it (QuantLinear.fuses_glu:
+    prompts through qgemm on the GPU), and gets what the separate SiLU-and-multiply gives."""
+    from torch import nn
+
+    from ember.layers.mlp import MLP
+    from ember.layers.quant_linear import QuantLinear
+
+    mlp = MLP.__new__(MLP)
+    nn.Module.__init__(mlp)
+    mlp.gate_up_proj = QuantLinear(make_qt([(128, 4, 64)], 2 * 64, asym=True))
+    mlp.down_proj = QuantLinear(make_qt([(64, 4, 64)], 128, seed=1))
+    x = torch.randn(5, 128, device=DEV).half()
+    ref = mlp(x)
+    asked = []
+    real = QuantLinear.forward
+    monkeypatch.setattr(QuantLinear, "fuses_glu", lambda self, x: True)
+    monkeypatch.setattr(QuantLinear, "forward", lambda self, x, epi=None: asked.append(epi) or real(self, x, epi))
+    out = mlp(x)
+    assert asked[0] is not None and asked[0].glu and asked[1] is None
+    assert torch.allclose(out.float(), ref.float(), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_qgemm_glu_gate_up_shape():
+    """The 8B gate/up's routing at 512 rows (N = 2 x 14336: 448 tiles of 128 x 256, the last 52 split along K on
+    an H100) with the SiLU-and-multiply in the store, against the plain product then the separate pass."""
+    from ember.kernels.epilogue import Epilogue
+    from ember.kernels.qmatmul import fuses_glu
+    from ember.kernels.reference import silu_and_mul
+
+    qt = make_qt([(1024, 4, 128)], 2 * 14336)
+    x = torch.randn(512, 1024, device="cuda").half()
+    plan = make_plan(qt)
+    assert qgemm.use_for(512, 2 * 14336, 1024) and fuses_glu(plan, qt, x)
+    ref = silu_and_mul(qmatmul(x, qt, plan=plan)).float()
+    out = qmatmul(x, qt, plan=plan, epi=Epilogue(glu=True))
+    assert out.shape == (512, 14336)
+    assert ((out.float() - ref).norm() / ref.norm()) < 2e-3
