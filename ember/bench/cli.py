@@ -78,8 +78,8 @@ def _switches() -> dict:
     from ember.engine.runner import async_decode, step_kernels
     from ember.kernels import ops
     from ember.kernels.attention_decode import EARLY_MERGE_SCALE, MIN_SPLIT_TOKENS, early_enabled
-    from ember.kernels.qmatmul import (DEFAULTS, WIDE_STAGES, _epi_early, _even_n_on, _pdl_all, _preperm_on,
-                                       _qgemm_on, _rotate_mm_on, _uniform_on, _use_tuned, gemv_maxnreg,
+    from ember.kernels.qmatmul import (DEFAULTS, WIDE_STAGES, _epi_early, _even_n_on, _glu_on, _pdl_all,
+                                       _preperm_on, _qgemm_on, _rotate_mm_on, _uniform_on, _use_tuned, gemv_maxnreg,
                                        mixed_maxnreg)
     from ember.kernels.qmatmul_kernels import ROW_SUM
 
@@ -98,7 +98,7 @@ def _switches() -> dict:
                 ember_gemv_maxnreg=gemv_maxnreg(),  # 0: none (mixed widths: the next)
                 ember_mixed_maxnreg=mixed_maxnreg(),
                 ember_preperm=int(_preperm_on()), ember_rotate_mm=int(_rotate_mm_on()),
-                ember_qgemm=int(_qgemm_on()),
+                ember_qgemm=int(_qgemm_on()), ember_qgemm_glu=int(_glu_on()),
                 ember_small_cfg=env("EMBER_SMALL_CFG") or "/".join(map(str, DEFAULTS["small"])))
 
 
