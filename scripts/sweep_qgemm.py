@@ -1,7 +1,8 @@
 """Prompt-sized 4-bit matmuls on the Llama-3-8B shapes: the fused dequantize-GEMM (kernels/qgemm.py) over its
 tile configs, against dequantize + cuBLAS (the path it replaces), cuBLAS alone on 16-bit weights (the
-floor of any path that multiplies in 16 bits) and the engine's own choice (qgemm.use_for). Prints per row count the best config of each shape and one
-decoder layer's four matmuls each way; one JSON line per timing.
+floor of any path that multiplies in 16 bits) and the engine's own choice (qgemm.use_for). Prints per row
+count the best config of each shape and one decoder layer's four matmuls each way; one JSON line per timing.
+A config is BN,BM,warps,stages[,split].
 
   PYTHONPATH=. python3 scripts/sweep_qgemm.py [--rows 512,2048] [--configs 128,128,8,3:128,256,8,3] [--dtype fp16] [--dot]
 """

@@ -379,7 +379,8 @@ def _kb(K: int) -> int:
     return 2 if K % 128 == 0 and os.environ.get("EMBER_QGEMM_KB", "2") != "1" else 1
 
 
-def qgemm(x2, qt, out2, g: int, config: tuple[int, ...] | None = None, asm: bool | None = None, glu: bool = False):
+def qgemm(x2, qt, out2, g: int, config: tuple[int, ...] | None = None, asm: bool | None = None,
+          glu: bool = False):
     """out2 (M, N) = x2 (M, K) @ dequantize(qt)^T for a matrix of group size g = group_size(...) > 0; x2
     contiguous rows. config: (BN, BM, warps, stages[, split]), default pick_config. glu: qt is [gate | up]
     (N = 2I, I a multiple of BN/2 unless the tile is masked) and out2 (M, I) = silu(gate) * up."""
@@ -403,8 +404,9 @@ def qgemm(x2, qt, out2, g: int, config: tuple[int, ...] | None = None, asm: bool
     if n_whole < tiles:
         ws = torch.empty((tiles - n_whole) * split * bn * bm, dtype=torch.float32, device=x2.device)
     zeros = qt.qzeros if qt.qzeros is not None else qt.scales  # unread when symmetric
-    qgemm4_kernel[grid](x2, qt.qweight, qt.scales, zeros, out2, ws, cnt, M, N, K, x2.stride(0), out2.stride(0), n_whole,
-                        BN=bn, BM=bm, HAS_ZEROS=qt.qzeros is not None, TPG=g // 64, EVEN_M=M % bm == 0,
-                        EVEN_N=(N // 2) % (bn // 2) == 0 if glu else N % bn == 0, ASM=asm, GLU=glu, NW=warps, KB=kb, SPLIT=split if n_whole < tiles else 1,
+    even_n = (N // 2) % (bn // 2) == 0 if glu else N % bn == 0  # (GLU: each half in whole half-tiles)
+    qgemm4_kernel[grid](x2, qt.qweight, qt.scales, zeros, out2, ws, cnt, M, N, K, x2.stride(0), out2.stride(0),
+                        n_whole, BN=bn, BM=bm, HAS_ZEROS=qt.qzeros is not None, TPG=g // 64, EVEN_M=M % bm == 0,
+                        EVEN_N=even_n, ASM=asm, GLU=glu, NW=warps, KB=kb, SPLIT=split if n_whole < tiles else 1,
                         num_warps=warps, num_stages=stages)
     return out2
