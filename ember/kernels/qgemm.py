@@ -274,14 +274,14 @@ def qgemm4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K,
 
 
 # Where the fused kernel beats dequantize + cuBLAS, and its tiles, by rows M and outputs N (H100, Llama-3-8B
-# shapes, scripts/sweep_qgemm.py, docs/benchmarks.md thirteenth and fourteenth rounds; us, fused against
-# dequantize + cuBLAS):
-# - gate/up (N = 28672): 93.8 / 202.1 at 128 rows, 130.6 / 215.6 at 256, 251.3 / 283.3 at 512 (its 448 tiles
-#   fill 3.4 waves of 132 SMs: the last 52 run split in two, split_plan), tied at 384;
-# - qkv (N = 6144): 36.0 / 52.5 at 128, 44.0 / 56.1 at 256, lost from 384 on;
-# - down (N = 4096, K = 14336): 104.1 / 113.8 at 128, 114.5 / 133.3 at 192; split along K (64 tiles of 128 x 256
-#   at 512 rows): 86.5 / 116.5 at 256, 121.2 / 138.8 at 512;
-# - o (N = 4096, K = 4096): never clearly ahead (split: 32.0 / 32.9 at 256, 45.3 / 40.6 at 512);
+# shapes, scripts/sweep_qgemm.py, docs/benchmarks.md thirteenth and fourteenth rounds, S2's sweep unless named;
+# us, fused against dequantize + cuBLAS):
+# - gate/up (N = 28672): 92.8 / 202.3 at 128 rows, 133.1 / 217.7 at 256, 232.4 / 286.1 at 512 (its 448 tiles
+#   fill 3.4 waves of 132 SMs: the last 52 run split in two, split_plan), 441.6 / 437.6 at 1024;
+# - qkv (N = 6144): 30.4 / 52.4 at 128 (split in 2), 42.4 / 56.3 at 256 (split in 2), lost from 384 on;
+# - o (N = 4096, K = 4096): split in 4, 22.7 / 30.5 at 128, 30.7 / 35.8 at 256; lost from 384 on;
+# - down (N = 4096, K = 14336): split in 4, 51.0 / 113.4 at 128, 75.9 / 116.1 at 256; split in 2, 122.5 / 138.5 at
+#   512; 114.5 / 133.3 at 192 unsplit (R5); lost at 1024;
 # at 2048 rows every shape loses (0.70 of cuBLAS's rate on 16-bit weights: no longer pays for the dequantize).
 
 
@@ -294,8 +294,10 @@ def use_for(M: int, N: int, K: int) -> bool:
         rows = M <= 512
     elif N >= 6144:
         rows = M <= 256
+    elif K < 8192:  # o: split in 4 wins at 128 and 256 rows; unsplit 64 x 64 tiles lose at 192 (R5: 35.8 / 32.2)
+        rows = M <= 128 or 192 < M <= 256
     else:
-        rows = K >= 8192 and M <= 512
+        rows = M <= 512
     bn, bm = pick_config(M, N, K)[:2]
     return rows and M % bm == 0 and N % bn == 0 and K % 128 == 0
 
@@ -306,10 +308,12 @@ def pick_config(M: int, N: int, K: int) -> tuple[int, int, int, int, int]:
     if N >= 16384:
         return (128, 128, 8, 4, 1) if M <= 128 else (128, 256, 8, 3, 2)
     if N >= 6144:
-        return (64, 128, 4, 4, 1) if M <= 128 else (128, 128, 8, 4, 1) if M <= 192 else (64, 256, 4, 3, 1)
+        return (128, 128, 8, 4, 2) if M <= 128 else (128, 128, 8, 4, 1) if M <= 192 else (128, 256, 8, 3, 2)
+    if M <= 128:
+        return (128, 128, 8, 4, 4)
     if M <= 192:
         return (64, 64, 4, 4, 1)
-    return (128, 128, 8, 4, 2) if M <= 256 else (128, 256, 8, 3, 2)
+    return (128, 256, 8, 3, 4) if M <= 256 else (128, 256, 8, 3, 2)
 
 
 def env_config() -> tuple[int, ...] | None:

@@ -145,13 +145,13 @@ def test_qmatmul_routes_many_rows_to_qgemm(monkeypatch):
 
 
 def test_qgemm_rule():
-    """The measured rule (qgemm.py): the wide gate/up up to 512 rows, qkv up to 256, down up to 512 (split along K
-    from 256 rows), never o; each pick a valid tile."""
+    """The measured rule (qgemm.py): the wide gate/up up to 512 rows, qkv and o up to 256, down up to 512 (the
+    narrow ones split along K); each pick a valid tile."""
     shapes = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
     taken = {name: [M for M in (64, 65, 128, 192, 256, 384, 512, 513, 2048) if qgemm.use_for(M, N, K)]
              for name, (N, K) in shapes.items()}
     # whole tiles only (65 and 513 rows would need masks), and K % 128 == 0
-    assert taken == {"qkv": [128, 256], "o": [], "gate_up": [128, 256, 512], "down": [64, 128, 192, 256, 512]}
+    assert taken == {"qkv": [128, 256], "o": [128, 256], "gate_up": [128, 256, 512], "down": [128, 192, 256, 512]}
     assert not qgemm.use_for(256, 6144, 4096 + 64)
     for M in (65, 128, 192, 256, 512):
         for N, K in ((4096, 14336), (6144, 4096), (28672, 4096)):
@@ -160,7 +160,7 @@ def test_qgemm_rule():
 
 
 CONFIGS = [(64, 64, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 64, 4, 4),
-           (256, 128, 16, 3), (128, 256, 8, 3, 2), (256, 128, 16, 3, 2), (128, 128, 8, 4, 3)]
+           (256, 128, 16, 3), (128, 256, 8, 3, 2), (256, 128, 16, 3, 2), (128, 128, 8, 4, 3), (128, 256, 8, 3, 4)]
 
 
 @pytest.mark.gpu
