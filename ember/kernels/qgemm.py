@@ -229,7 +229,6 @@ def qgemm4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K,
         wmask = row < N
     wofs = (2 * (lane % 4)) * N + row  # word 2p of that row, from the block's first word row
     xmask = m_mask[:, None]
-    sofs = row
     acc = tl.zeros((BN, BM), tl.float32)
     # The loop runs at least once. Without this the compiler keeps a zero-trip path that re-zeroes the
     # accumulator, and ptxas then serializes every wgmma (C7515: each one waits for the last to finish,
@@ -246,9 +245,9 @@ def qgemm4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K,
         s_ptr += (2 * b0 if TPG == 0 else b0 // TPG) * N
         z_ptr += (2 * b0 if TPG == 0 else b0 // TPG) * N
     for t in range(steps):
-        w = _wblock(q_ptr, s_ptr, z_ptr, t * KB, N, wofs, sofs, wmask, zsym, BN, NW, TPG, HAS_ZEROS, EVEN_N, ASM, DT)
+        w = _wblock(q_ptr, s_ptr, z_ptr, t * KB, N, wofs, row, wmask, zsym, BN, NW, TPG, HAS_ZEROS, EVEN_N, ASM, DT)
         if KB == 2:  # two blocks of 64 a step: the loop's fixed work (barrier, waits, addresses) is paid half as often
-            w2 = _wblock(q_ptr, s_ptr, z_ptr, t * KB + 1, N, wofs, sofs, wmask, zsym, BN, NW, TPG, HAS_ZEROS,
+            w2 = _wblock(q_ptr, s_ptr, z_ptr, t * KB + 1, N, wofs, row, wmask, zsym, BN, NW, TPG, HAS_ZEROS,
                          EVEN_N, ASM, DT)
             w = tl.reshape(tl.permute(tl.join(w, w2), (0, 2, 1)), (BN, 128))
         x = _ld(x_ptr + offs_m[:, None] * stride_xm + (t * 64 * KB + tl.arange(0, 64 * KB))[None, :], xmask,

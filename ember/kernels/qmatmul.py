@@ -459,16 +459,17 @@ def takes_fp8(plan: QMatmulPlan, M: int) -> bool:
 
 
 def _takes_qgemm(plan: QMatmulPlan, x2: torch.Tensor, N: int, K: int) -> bool:
-    """Whether the many rows of x2 go through the fused dequantize-GEMM (qgemm.py) under this plan."""
-    M = x2.shape[0]
-    return (bool(plan.qgemm_g) and plan.large_mode == "auto" and plan.fp8 is None and _pick_launch(plan, M) is None
-            and qgemm.use_for(M, N, K) and _qgemm_on() and qgemm.takes(x2))
+    """Whether the rows of x2, too many for the kernel paths (_pick_launch gave None), go through the fused
+    dequantize-GEMM (qgemm.py) under this plan."""
+    return (bool(plan.qgemm_g) and plan.large_mode == "auto" and plan.fp8 is None
+            and qgemm.use_for(x2.shape[0], N, K) and _qgemm_on() and qgemm.takes(x2))
 
 
 def fuses_glu(plan: QMatmulPlan, qt: QuantizedTensor, x: torch.Tensor) -> bool:
     """Whether qmatmul(x, qt, epi=Epilogue(glu=True)) does the SiLU-and-multiply inside the matmul (the fused
     dequantize-GEMM's store, for prompts) rather than after it: the MLP then asks for it."""
-    return (_takes_qgemm(plan, x.reshape(-1, qt.in_features), qt.out_features, qt.in_features)
+    x2 = x.reshape(-1, qt.in_features)
+    return (_pick_launch(plan, x2.shape[0]) is None and _takes_qgemm(plan, x2, qt.out_features, qt.in_features)
             and qt.bias is None and qt.had == 0 and _glu_on())
 
 
