@@ -213,9 +213,12 @@ if has gprofile; then  # the decode step as the engine replays it (graph, PDL): 
   done
 fi
 if has pprofile; then  # one eager prefill's GPU time by kernel (scripts/profile_prefill.py), per PPROFILE_ARMS entry
-  for arm in ${PPROFILE_ARMS:-plain act}; do  # plain: the synthetic layout; act: the converter's (--act-order)
-    log "prefill kernels, $arm"
-    python3 scripts/profile_prefill.py llama3-8b ${AB_BPW:-4.0} 512 $arm 2>&1 | grep -v Warn | tee "$OUT/profile_prefill_$arm.txt" | head -12
+  for arm in ${PPROFILE_ARMS:-plain act}; do  # plain: the synthetic layout; act: the converter's (--act-order);
+    for n in ${PPROFILE_LENS:-512}; do  # graph: the engine's CUDA-graph prefill, with its wall and replay times
+      log "prefill kernels, $arm, $n tokens"
+      python3 scripts/profile_prefill.py llama3-8b ${AB_BPW:-4.0} $n $arm 2>&1 | grep -v Warn \
+        | tee "$OUT/profile_prefill_${arm}_$n.txt" | head -24
+    done
   done
 fi
 if has sweep; then

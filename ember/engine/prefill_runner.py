@@ -14,6 +14,7 @@ Only for a sequence with nothing cached yet and no sliding window shorter than t
 graph's attention is the SDPA path over the new tokens); anything else runs eagerly, as on CPU."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ember.forward_batch import ForwardBatch
@@ -38,10 +39,19 @@ class PrefillRunner:
         self.use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
         self.pad_eagerly = pad_eagerly
         t = self.max_tokens
-        # (3, Tmax) int64: input ids, positions, KV slots; filled by one host-to-device copy per prefill
-        self.inputs = torch.zeros(3, t, dtype=torch.int64, device=device)
+        # (4, Tmax) int64: input ids, positions, KV slots, and [0, 0] the logits row; with the block table,
+        # filled from pinned staging copies by two asynchronous host-to-device copies per prefill (no kernel)
+        self.inputs = torch.zeros(4, t, dtype=torch.int64, device=device)
         self.table = torch.zeros(1, max_pages, dtype=torch.int32, device=device)
-        self.logits_index = torch.zeros(1, dtype=torch.int64, device=device)
+        self.logits_index = self.inputs[3, :1]
+        pin = device.type == "cuda"
+        self._host = torch.zeros(4, t, dtype=torch.int64, pin_memory=pin)
+        self._host[1] = torch.arange(t)  # positions never change
+        self._host_table = torch.zeros(max_pages, dtype=torch.int32, pin_memory=pin)
+        # numpy views of the same memory: filling them costs ~1 us an op where torch's CPU ops cost several,
+        # and this host work is all that runs before the graph starts (it is on every prompt's latency)
+        self._np, self._np_table = self._host.numpy(), self._host_table.numpy()
+        self._copied = torch.cuda.Event() if pin else None  # the staging buffers may be refilled once it is done
         self.logits = torch.zeros(1, cfg.vocab_size, dtype=torch.float32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._keep: list[tuple[torch.Tensor, torch.Tensor]] = []  # per-graph length buffers
@@ -63,18 +73,22 @@ class PrefillRunner:
             with torch.inference_mode():
                 return self.model(batch, self.kv_layers)
         tb = self.bucket(n)
-        host = torch.zeros(3, tb, dtype=torch.int64)
-        host[0, :n] = torch.tensor(tokens, dtype=torch.int64)
-        host[1] = torch.arange(tb)
-        pos = torch.arange(n)
-        page_ids = torch.tensor(pages, dtype=torch.int64)
-        host[2] = -1  # pads: no KV write
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous prefill's copies have read the staging buffers
+        host, table = self._np, self._np_table
+        host[0, :n] = tokens
+        host[0, n:tb] = 0
+        page_ids = np.asarray(pages, dtype=np.int64)
+        pos = host[1, :n]
+        host[2, :tb] = -1  # pads: no KV write
         host[2, :n] = page_ids[pos // self.page_size] * self.page_size + pos % self.page_size
-        self.inputs[:, :tb].copy_(host.pin_memory() if self.device.type == "cuda" else host, non_blocking=True)
-        table = torch.zeros(self.max_pages, dtype=torch.int32)
-        table[: len(pages)] = torch.tensor(pages, dtype=torch.int32)
-        self.table[0].copy_(table)
-        self.logits_index.fill_(n - 1)
+        host[3, 0] = n - 1
+        table[: len(pages)] = page_ids
+        table[len(pages):] = 0
+        self.inputs.copy_(self._host, non_blocking=True)
+        self.table[0].copy_(self._host_table, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
         if not self.use_graphs:
             with torch.inference_mode():
                 self._run(self._batch(tb, keep=False))

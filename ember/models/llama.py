@@ -76,11 +76,14 @@ class LlamaModel(nn.Module):
         return x.shape[0] <= FUSED_MAX_ROWS and ops.use_triton(x) and self.fusable()
 
     def forward(self, batch: ForwardBatch, kv_caches) -> torch.Tensor:
+        """Final hidden states (N, H): of batch.logits_indices' rows when given, else of all T tokens."""
         x, residual = self.embed_tokens(batch.input_ids), None  # (T, H)
         if self.use_fused(x):
             return self._forward_fused(x, batch, kv_caches)
         for layer, kv in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, batch, kv)
+        if batch.logits_indices is not None:  # a prompt needs its last rows only: norm just those
+            x, residual = x[batch.logits_indices], residual[batch.logits_indices]
         x, _ = self.norm(x, residual)
         return x
 
@@ -92,7 +95,7 @@ class LlamaModel(nn.Module):
         for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
             nxt = self.layers[i + 1].input_layernorm if i + 1 < n else self.norm
             x = layer.forward_fused(x, h, batch, kv, ss, i, nxt)
-        return self.norm(h)
+        return self.norm(h if batch.logits_indices is None else h[batch.logits_indices])
 
 
 class LlamaForCausalLM(nn.Module):
@@ -105,8 +108,6 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, kv_caches, float_logits: bool = True) -> torch.Tensor:
         """Returns logits (N, V) for batch.logits_indices (all T tokens when it is None): float32, or the
         head's own dtype when float_logits is False (greedy decode needs no copy)."""
-        h = self.model(batch, kv_caches)
-        if batch.logits_indices is not None:
-            h = h[batch.logits_indices]
+        h = self.model(batch, kv_caches)  # (N, H): the logits rows only
         logits = self.lm_head(h)
         return logits.float() if float_logits else logits
