@@ -3,14 +3,15 @@
 #
 #   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [stages] [stagetable] [base] [ab] [async] [bench8b] [quick] [full] [exl2]
 #                        [attn] [gptq8b] [bench70b] [ember70b] [bpw] [batch] [pdl] [profile] [gprofile] [sweep] [prefillgemm] [overlap] [fp8]
-#                        [gemvfixed] [gemvdecode] [pprofile] [qgemm] [tests]
+#                        [gemvfixed] [gemvdecode] [pprofile] [qgemm] [tests] [testsfirst]
 #   (default: tests bench8b exl2). Run it under `timeout N` to fit a device call: timeout signals the whole
 #   process group, and on TERM the script stops what it started and still packs $OUT for the return trip.
 # smoke: the engine / model / attention GPU tests first; qtests: the one-row, mixed-width and epilogue
 #   qmatmul GPU tests; h2: those and an A/B of the packed-half decode (EMBER_H2=0/1); fuse: 8B decode with
 #   the fused decode layer off / on twice (EMBER_FUSE=0/1); stages: 8B decode for each one-row matmul variant
 #   in GEMV_ARMS (stagetable: also the batch-1 qmatmul table of each); async: 8B decode with the pipelined
-#   streaming loop off / on twice (EMBER_ASYNC_DECODE=0/1); tests: the whole -m gpu suite, last.
+#   streaming loop off / on twice (EMBER_ASYNC_DECODE=0/1); tests: the whole -m gpu suite, last; testsfirst: the
+#   suite first, while ExLlamaV2's extension builds, then a wait for the build, so no timed run shares the CPU with it.
 # base: 8B decode of an earlier tree unpacked into .base/ (with its commit in .base/REV; carry it) against this
 #   one, BASE_ARMS "tree/wide stages" alternating, then BASE_BPW widths on both (the same-call baseline
 #   of a kernel change). ab: one 8B decode row per AB_ARMS entry (VAR=value[,VAR=value], at AB_BPW).
@@ -65,6 +66,18 @@ if has bench8b || has exl2; then
   [ -d /tmp/l3gptq ] || python3 bench/baselines/make_gptq_random.py llama3-8b /tmp/l3gptq
 fi
 
+run_tests() {
+  log "GPU tests"
+  # the suite is bound by Triton's JIT compiles on the host: spread it over TEST_WORKERS processes (pytest-xdist,
+  # carried in .whl/) when it is there; one GPU holds them all (small shapes)
+  xd=; python3 -c "import xdist" 2>/dev/null && xd="-n ${TEST_WORKERS:-8}"
+  timeout ${TEST_TIMEOUT:-900} python3 -m pytest -m gpu -p no:cacheprovider $xd --durations=12 ${TEST_PATHS:-tests} 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -22
+}
+if has testsfirst; then  # the GPU tests while ExLlamaV2's extension builds, then nothing timed runs beside the build
+  run_tests
+  if [ -n "${BUILD:-}" ]; then log "waiting for the ExLlamaV2 build"; wait $BUILD; BUILD=; tail -2 "$OUT/exl2_build.log"; fi
+fi
 if has smoke; then  # the GPU tests of the newest paths first, so benchmarks never run on a broken build
   log "GPU smoke tests"
   timeout ${SMOKE_TIMEOUT:-300} python3 -m pytest -m gpu -p no:cacheprovider tests/engine tests/test_gpu_model.py \
@@ -182,7 +195,7 @@ if has fp8; then  # the same 8B rows with the prompt's matmuls on fp8 tensor cor
   has nogptq || bench --model /tmp/l3gptq --prompt-len 512 --gen-len 128 --fp8-prefill
 fi
 if has exl2; then
-  wait $BUILD; log "exllamav2 llama3-8b GPTQ"; tail -3 "$OUT/exl2_build.log"
+  [ -n "${BUILD:-}" ] && wait $BUILD; log "exllamav2 llama3-8b GPTQ"; tail -3 "$OUT/exl2_build.log"
   python3 bench/baselines/bench_exl2.py /tmp/l3gptq 512 128 2>&1 | grep -E "exl2" | tee "$OUT/exl2_8b_512.txt"
   python3 bench/baselines/bench_exl2.py /tmp/l3gptq 2048 128 2>&1 | grep -E "exl2" | tee "$OUT/exl2_8b_2048.txt"
 fi
@@ -266,13 +279,6 @@ if has attn; then
   python3 scripts/bench_attention.py decode_short decode_rope > "$OUT/attention.txt" 2>&1
   python3 -c "import json; d = json.load(open('$OUT/attention.json')); [print(r) for k in ('decode_short', 'decode_rope') for r in d[k]]" 2>&1 | tail -20
 fi
-if has tests; then
-  log "GPU tests"
-  # the suite is bound by Triton's JIT compiles on the host: spread it over TEST_WORKERS processes (pytest-xdist,
-  # carried in .whl/) when it is there; one GPU holds them all (small shapes)
-  xd=; python3 -c "import xdist" 2>/dev/null && xd="-n ${TEST_WORKERS:-8}"
-  timeout ${TEST_TIMEOUT:-900} python3 -m pytest -m gpu -p no:cacheprovider $xd --durations=12 ${TEST_PATHS:-tests} 2>&1 \
-    | tee "$OUT/gpu_tests.log" | tail -22
-fi
+if has tests && ! has testsfirst; then run_tests; fi
 log "done"
 pack
