@@ -51,7 +51,7 @@ class PrefillRunner:
         # numpy views of the same memory: filling them costs ~1 us an op where torch's CPU ops cost several,
         # and this host work is all that runs before the graph starts (it is on every prompt's latency)
         self._np, self._np_table = self._host.numpy(), self._host_table.numpy()
-        self._copied = torch.cuda.Event() if pin else None  # the staging buffers may be refilled once it is done
+        self._copied = torch.cuda.Event() if pin else None  # set: the staging buffers may be refilled
         self.logits = torch.zeros(1, cfg.vocab_size, dtype=torch.float32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._keep: list[tuple[torch.Tensor, torch.Tensor]] = []  # per-graph length buffers
