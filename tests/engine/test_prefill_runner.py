@@ -46,6 +46,22 @@ def test_padded_prefill_equals_plain(tmp_path, monkeypatch, n):
     assert kv.data.abs().sum() > 0
 
 
+def test_reused_runner_equals_plain_for_each_prompt(tmp_path, monkeypatch):
+    """One runner, prompts of several lengths in turn (a shorter one after a longer one in the same bucket):
+    the staging buffers keep nothing of the previous prompt that the next one reads."""
+    monkeypatch.setattr(prefill_runner, "BUCKET", 16)
+    model = _model(tmp_path, "cpu", torch.float32)
+    kv = KVCache(model.config, 9, PAGE, torch.float32, "cpu")
+    runner = PrefillRunner(model, kv, 4, torch.device("cpu"), use_graphs=False, pad_eagerly=True)
+    for n, pages in ((40, [4, 1, 6]), (20, [2, 7]), (5, [3]), (30, [0, 5])):
+        prompt = [(11 * i + n) % 500 for i in range(n)]
+        ref, kv_ref = _plain(model, prompt, pages, "cpu", torch.float32)
+        kv.data.zero_()
+        assert (runner.forward(prompt, pages) - ref).abs().max().item() < 1e-5
+        for (k, v), (k0, v0) in zip(kv.layers(), kv_ref.layers()):
+            assert (k - k0).abs().max().item() < 1e-5 and (v - v0).abs().max().item() < 1e-5
+
+
 def test_too_long_or_windowed_prompt_runs_eagerly(tmp_path):
     model = _model(tmp_path, "cpu", torch.float32)
     kv = KVCache(model.config, 9, PAGE, torch.float32, "cpu")

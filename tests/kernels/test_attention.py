@@ -236,22 +236,23 @@ def new_kv(bt):
     return kc[pages, :, offs], vc[pages, :, offs]
 
 
-@pytest.mark.parametrize("cached,window,via_sdpa", [([0, 0], None, True), ([0, 0], 8, False),
-                                                    ([0, 5], None, False)])
-def test_prefill_sdpa_dispatch(device, monkeypatch, cached, window, via_sdpa):
+@pytest.mark.parametrize("news,cached,window,via_sdpa", [([5, 33], [0, 0], None, True), ([33], [0], None, True),
+                                                         ([5, 33], [0, 0], 8, False), ([5, 33], [0, 5], None, False)])
+def test_prefill_sdpa_dispatch(device, monkeypatch, news, cached, window, via_sdpa):
     """Prompts without a cached prefix (and no window shorter than them) go through SDPA on the new k/v when
-    the caller passes them; everything else through the paged kernel. Both equal the reference."""
+    the caller passes them (one sequence: SDPA's output returned as a view); everything else through the paged
+    kernel. Both equal the reference."""
     from ember.kernels import attention
     calls = []
     sdpa = attention.prefill_sdpa
     monkeypatch.setattr(attention, "prefill_sdpa", lambda *a: calls.append(1) or sdpa(*a))
-    bt = make_batch([5, 33], cached, 6, 2, 64, 16, torch.float16, device)
+    bt = make_batch(news, cached, 6, 2, 64, 16, torch.float16, device)
     k, v = new_kv(bt)
     args = (bt["q"], bt["k_cache"], bt["v_cache"], bt["block_tables"])
     want = ref.paged_attention(*args, bt["lens"], bt["qsl"], 0.125, window)
     lens = torch.tensor(bt["lens"], dtype=torch.int32, device=device)
     qsl = torch.tensor(bt["qsl"], dtype=torch.int32, device=device)
-    got = ops.paged_attention(*args, lens, qsl, 0.125, window, max_query_len=33, k=k, v=v,
+    got = ops.paged_attention(*args, lens, qsl, 0.125, window, max_query_len=max(news), k=k, v=v,
                               seq_lens_cpu=bt["lens"], query_start_loc_cpu=bt["qsl"])
     assert_close(got, want, ATOL[torch.float16], "prefill via dispatch")
     assert calls == ([1] if via_sdpa else [])
