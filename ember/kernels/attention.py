@@ -116,20 +116,22 @@ def decode_attention_rope(q, k, v, positions, cos_sin, k_cache, v_cache, slot_ma
                                                   block_tables, seq_lens, query_start_loc, scale, sliding_window)
 
 
+def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One sequence: q (n, Hq, D), k, v (n, Hk, D) -> (n, Hq, D), a view of SDPA's output."""
+    # NOTE: 4-D (1, H, n, D) inputs: SDPA's flash / cuDNN backends reject 3-D ones (math fallback).
+    qb, kb, vb = (x.transpose(0, 1)[None] for x in (q, k, v))
+    gqa = q.shape[1] != k.shape[1]
+    o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
+    return o[0].transpose(0, 1)
+
+
 def prefill_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_start_loc: Sequence[int],
                  scale: float) -> torch.Tensor:
     """Causal attention of sequences with no cached prefix on their contiguous new k/v through torch SDPA.
     q: (T, Hq, D), k, v: (T, Hk, D), query_start_loc host list. Returns (T, Hq, D)."""
-    gqa = q.shape[1] != k.shape[1]
     if len(query_start_loc) == 2 and query_start_loc[0] == 0 and query_start_loc[1] == q.shape[0]:
-        # one sequence: SDPA's output is returned as a (T, Hq, D) view, without a copy into `out`
-        qb, kb, vb = (x.transpose(0, 1)[None] for x in (q, k, v))
-        o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
-        return o[0].transpose(0, 1)
+        return _sdpa_causal(q, k, v, scale)  # one sequence: SDPA's output as it is, no copy into `out`
     out = torch.empty_like(q)
     for s, e in itertools.pairwise(query_start_loc):
-        # NOTE: 4-D (1, H, n, D) inputs: SDPA's flash / cuDNN backends reject 3-D ones (math fallback).
-        qb, kb, vb = (x[s:e].transpose(0, 1)[None] for x in (q, k, v))
-        o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=gqa)
-        out[s:e] = o[0].transpose(0, 1)
+        out[s:e] = _sdpa_causal(q[s:e], k[s:e], v[s:e], scale)
     return out
