@@ -42,7 +42,8 @@ def compile_kernel(args) -> tuple[str, str, str, int]:
     const = dict(BM=16 if args.dot else 1, BN=args.bn, WIDTHS=widths, USE_DOT=args.dot, HAS_ZEROS=args.zeros,
                  HAS_PERM=args.zeros, HAS_G32=args.zeros, ATOMIC=True, DOT_DT=tl.float16, PDL=args.pdl,
                  H2=0 if args.dot else args.h2, NORM_IN="norm" in epi, RESID="resid" in epi, GLU="glu" in epi,
-                 STAGES=args.stages, EVEN_N=args.even, EPI_EARLY=args.epi_early, UNIFORM=args.uniform)
+                 STAGES=args.stages, EVEN_N=args.even, EPI_EARLY=args.epi_early, UNIFORM=args.uniform,
+                 DRAIN=args.drain)
     sig = dict(SIGNATURE, **{k: "constexpr" for k in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in ALIGNED}
     k = triton.compile(ASTSource(fn=qmatmul_kernel, signature=sig, constexprs=const, attrs=attrs),
@@ -93,6 +94,7 @@ def main() -> None:
     p.add_argument("--even", action="store_true", help="N a multiple of the column block (no column masks)")
     p.add_argument("--epi-early", action="store_true", help="the epilogue's operands loaded before the atomics")
     p.add_argument("--uniform", action="store_true", help="one segment: split metadata computed, not read")
+    p.add_argument("--drain", type=int, default=0, help="split-K read-back: 1 vector load, 0 exchanges (default)")
     p.add_argument("--maxnreg", type=int, default=0, help="register cap per thread (Triton's maxnreg; 0: none)")
     p.add_argument("--dump", help="also write the whole SASS to this file")
     args = p.parse_args()

@@ -326,6 +326,13 @@ def _epi_early() -> bool:
     return os.environ.get("EMBER_EPI_EARLY", "1") != "0"
 
 
+def _drain() -> int:
+    """EMBER_DRAIN: how the last split of a column block reads the split-K sums back (qmatmul_store.store_tile):
+    1 one vector load a thread and a store of zeros, 0 (default until measured on the GPU) one atomic exchange
+    per element; read at every launch (A/B runs)."""
+    return int(os.environ.get("EMBER_DRAIN", "0"))
+
+
 def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int, epi: Epilogue | None = None,
                 permuted: bool = False):
     """permuted: x2 is already in the matrix's permuted input order (the kernel reads it as it is)."""
@@ -356,6 +363,7 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int,
         H2=h2, NORM_IN=norm_in, RESID=resid, GLU=glu,
         STAGES=1 if use_dot else launch.num_stages, EVEN_N=_even_n(launch, N, glu),
         EPI_EARLY=atomic and (norm_in or resid) and _epi_early(), UNIFORM=launch.uniform is not None,
+        DRAIN=_drain() if atomic else 0,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
         **_maxnreg(plan, use_dot, h2, perm is not None), **_pdl_kwargs(plan, x2.device, h2))

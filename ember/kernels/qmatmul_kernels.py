@@ -375,7 +375,7 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
                    HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, ATOMIC: tl.constexpr,
                    DOT_DT: tl.constexpr, PDL: tl.constexpr, H2: tl.constexpr, NORM_IN: tl.constexpr,
                    RESID: tl.constexpr, GLU: tl.constexpr, STAGES: tl.constexpr = 1, EVEN_N: tl.constexpr = False,
-                   EPI_EARLY: tl.constexpr = False, UNIFORM: tl.constexpr = False):
+                   EPI_EARLY: tl.constexpr = False, UNIFORM: tl.constexpr = False, DRAIN: tl.constexpr = 0):
     """out (M, N) = x (M, K) @ Wq^T; program_id(1) = split. WIDTHS: bit b set when width b occurs, so a
     matrix of one width compiles one loop, a mixed one a runtime branch per width present.
     PDL (pdl.py): 0 off; 1 wait at the start; 2: the one-row path waits after loading its first tile.
@@ -384,6 +384,7 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
     outputs is finished in one program; the host makes sure I is a multiple of BN/2.
     EVEN_N: every program's BN columns exist (no column masks: fewer predicated loads and zero fills).
     EPI_EARLY: the epilogue's operands are loaded before the split-K atomics (qmatmul_store.store_tile).
+    DRAIN: how the last split reads the split-K sums back (qmatmul_store.store_tile).
     UNIFORM: one segment of width u_bits covers K; the splits are u_tiles blocks of 64 each (u_kt in all), group
     size u_g, and the metadata table is not read (_split_fields)."""
     pdl.launch_dependents(PDL)
@@ -437,7 +438,7 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
     pdl.wait(PDL)  # a no-op after the first: covers every path before the first global write
     store_tile(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mask, offs_n, n_mask, N,
                ss_in_ptr, eps, res_ptr, stride_rm, gamma_ptr, ss_out_ptr, BM, BN, ATOMIC, NORM_IN, RESID, GLU,
-               EPI_EARLY)
+               EPI_EARLY, DRAIN)
 
 
 @triton.jit

@@ -70,10 +70,12 @@ def _finish(y, offs_m, m_mask, offs_n, n_mask, N, out_ptr, stride_om, ss_in_ptr,
 def store_tile(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mask, offs_n, n_mask, N,
                ss_in_ptr, eps, res_ptr, stride_rm, gamma_ptr, ss_out_ptr, BM: tl.constexpr, BN: tl.constexpr,
                ATOMIC: tl.constexpr, NORM_IN: tl.constexpr, RESID: tl.constexpr, GLU: tl.constexpr,
-               EPI_EARLY: tl.constexpr = False):
+               EPI_EARLY: tl.constexpr = False, DRAIN: tl.constexpr = 0):
     """acc (BM, BN): this program's partial sums (ATOMIC: one of several K splits) -> the stored tile.
     EPI_EARLY (ATOMIC): every program loads the epilogue's operands before its atomics, so that the last one
-    has them when the sums are complete instead of waiting one more round trip then."""
+    has them when the sums are complete instead of waiting one more round trip then.
+    DRAIN (ATOMIC): how the last split reads the sums back: 1 a vector load and a store of zeros, 0 atomic
+    exchanges (qmatmul._drain)."""
     if ATOMIC:
         if EPI_EARLY:
             ss, res, gamma = _operands(offs_m, m_mask, offs_n, n_mask, ss_in_ptr, res_ptr, stride_rm, gamma_ptr,
@@ -84,15 +86,25 @@ def store_tile(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_ma
         tl.debug_barrier()  # every thread's partial sums are issued before the counter is released
         cnt = cnt_ptr + tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
         if tl.atomic_add(cnt, 1, sem="acq_rel") == tl.num_programs(1) - 1:  # last split of this block
-            # read the sums back and re-zero them (exchanged as int32: same bits, wider support)
-            ibuf_ptrs = ibuf_ptr + offs_m[:, None] * N + offs_n[None, :]
-            zero = tl.zeros(acc.shape, tl.int32)
-            total = tl.atomic_xchg(ibuf_ptrs, zero, mask=mask, sem="relaxed").to(tl.float32, bitcast=True)
+            if DRAIN:
+                # read the sums back from L2 (.cg: the acq_rel counter orders it after every split's adds) in
+                # the atomics' own layout (one 16-byte load a thread), then store zeros
+                total = tl.load(buf_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(buf_ptrs, tl.zeros(acc.shape, tl.float32), mask=mask)
+            else:
+                # read the sums back and re-zero them (exchanged as int32: same bits, wider support); compiles
+                # to one scalar exchange per element and a shared-memory layout change before the store
+                ibuf_ptrs = ibuf_ptr + offs_m[:, None] * N + offs_n[None, :]
+                zero = tl.zeros(acc.shape, tl.int32)
+                total = tl.atomic_xchg(ibuf_ptrs, zero, mask=mask, sem="relaxed").to(tl.float32, bitcast=True)
             if not EPI_EARLY:
                 ss, res, gamma = 0.0, 0.0, 0.0  # loaded by _finish
             _finish(total, offs_m, m_mask, offs_n, n_mask, N, out_ptr, stride_om, ss_in_ptr, eps, res_ptr,
                     stride_rm, gamma_ptr, ss_out_ptr, ss, res, gamma, BM, BN, NORM_IN, RESID, GLU, EPI_EARLY)
-            tl.atomic_xchg(cnt, 0, sem="relaxed")
+            if DRAIN:
+                tl.store(cnt, 0)  # seen by the next launch (kernel boundary); a store needs no reply
+            else:
+                tl.atomic_xchg(cnt, 0, sem="relaxed")
     else:
         _finish(acc, offs_m, m_mask, offs_n, n_mask, N, out_ptr, stride_om, ss_in_ptr, eps, res_ptr, stride_rm,
                 gamma_ptr, ss_out_ptr, 0.0, 0.0, 0.0, BM, BN, NORM_IN, RESID, GLU, False)

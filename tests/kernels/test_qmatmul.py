@@ -157,6 +157,46 @@ def test_fused_epilogue(kind, M, early, monkeypatch):
                    monkeypatch=monkeypatch)
 
 
+@pytest.mark.parametrize("drain", ["0", "1"], ids=["exchange", "load_store"])
+def test_split_k_drain_modes(drain, monkeypatch):
+    """Both ways the last split reads the split-K sums back (EMBER_DRAIN): right sums, and the workspace and
+    counters zero again after each launch, so back-to-back launches on one plan stay right (check asserts it)."""
+    monkeypatch.setenv("EMBER_DRAIN", drain)
+    qt = make_qt([(64, 5, 64), (192, 4, 64)], 40, asym=True, seed=3)  # 4 splits of one tile
+    for M in (1, 3, 1):
+        check(qt, M, torch.float16, tiles=1)
+    check_epilogue(make_qt([(256, 4, 64)], 96, seed=4), 1, torch.float16, "resid", tiles=1, configs=SMALL_BLOCKS,
+                   monkeypatch=monkeypatch)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("drain", ["0", "1"], ids=["exchange", "load_store"])
+@pytest.mark.parametrize("M", [1, 8])
+def test_gpu_split_k_drain_graph_replays(drain, M, monkeypatch):
+    """A captured split-K matmul replayed with new inputs each time: every replay right (the last split
+    re-zeroes the workspace and counters it used), for both read-backs (EMBER_DRAIN)."""
+    monkeypatch.setenv("EMBER_DRAIN", drain)
+    qt = make_qt([(64 * 57, 4, 64)], 1024, seed=7)  # the default split heuristic: many splits per column block
+    plan = make_plan(qt)
+    assert plan.modes["gemv"].splits > 4
+    x = torch.randn(M, qt.in_features, device="cuda", dtype=torch.float16)
+    out = torch.empty(M, 1024, device="cuda", dtype=torch.float16)
+    qmatmul(x, qt, out=out, plan=plan)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        qmatmul(x, qt, out=out, plan=plan)
+    w = dequantize(qt).cuda().T
+    for _ in range(4):
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        ref = x.float() @ w
+        assert ((out.float() - ref).norm() / ref.norm()) < TOL
+    buf, cnt = plan.workspace
+    assert not buf.any() and not cnt.any(), "split-K workspace not left zeroed"
+
+
 @pytest.mark.parametrize("case", ["many_rows", "glu_halves_do_not_fit", "bias"])
 def test_fused_epilogue_fallbacks(case):
     """Where the kernel cannot fold it (dequantize + cuBLAS rows, I not a multiple of BN/2, a bias), the
