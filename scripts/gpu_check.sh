@@ -3,7 +3,7 @@
 #
 #   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [stages] [stagetable] [base] [ab] [async] [bench8b] [quick] [full] [exl2]
 #                        [attn] [gptq8b] [bench70b] [ember70b] [bpw] [batch] [pdl] [profile] [gprofile] [sweep] [prefillgemm] [overlap] [fp8]
-#                        [gemvfixed] [gemvdecode] [pprofile] [qgemm] [tests] [testsfirst]
+#                        [gemvfixed] [gemvdecode] [pprofile] [qgemm] [cluster] [tests] [testsfirst]
 #   (default: tests bench8b exl2). Run it under `timeout N` to fit a device call: timeout signals the whole
 #   process group, and on TERM the script stops what it started and still packs $OUT for the return trip.
 # smoke: the engine / model / attention GPU tests first; qtests: the one-row, mixed-width and epilogue
@@ -33,7 +33,9 @@
 #   table once per QUICK_ARMS entry (alone, or after bench8b's bandwidth; QUICK_ARGS: more bench_qmatmul.py arguments); gemvdecode: each matmul's time inside the decode step, per shape and width
 #   (scripts/gemv_in_decode.py, GEMVDEC_WIDTHS); pprofile: one prefill's GPU time by kernel, the synthetic
 #   and the act-order layout (scripts/profile_prefill.py, PPROFILE_ARMS); qgemm: the fused dequantize-GEMM's
-#   tile configs on prompt-sized matmuls against dequantize + cuBLAS (scripts/sweep_qgemm.py, QGEMM_ARGS).
+#   tile configs on prompt-sized matmuls against dequantize + cuBLAS (scripts/sweep_qgemm.py, QGEMM_ARGS);
+#   cluster: clusters of CTAs summing through distributed shared memory against the split-K atomics and counter
+#   (scripts/probe_cluster_launch.py, CLUSTER_ARGS).
 #   qtests takes QTEST_K (a pytest -k) and QTEST_TIMEOUT.
 #   (`core` and `noqm` are accepted for the commands of earlier rounds: core = without full, noqm = no table;
 #   nogptq: bench8b without ember's run of the GPTQ folder.)
@@ -114,6 +116,10 @@ fi
 if has gemvfixed; then  # batch-1 GEMV: fixed cost per launch and streaming rate, per arm (scripts/probe_gemv_fixed.py)
   log "batch-1 GEMV fixed cost (${FIXED_ARGS:-default arms})"
   python3 scripts/probe_gemv_fixed.py ${FIXED_ARGS:-} 2>&1 | tee "$OUT/gemv_fixed.txt" | grep -E "fixed|28672|Error"
+fi
+if has cluster; then  # thread-block clusters for a Triton 3.6 kernel: a DSMEM sum against the shipped split-K reduction
+  log "cluster reduction probe (scripts/probe_cluster_launch.py ${CLUSTER_ARGS:-})"
+  timeout 150 python3 scripts/probe_cluster_launch.py ${CLUSTER_ARGS:-} 2>&1 | tee "$OUT/cluster.txt" | tail -14
 fi
 if has gemvdecode; then  # batch-1 matmul bandwidth inside the graph-replayed decode step, per shape and width
   log "batch-1 matmuls in the decode step (${GEMVDEC_WIDTHS:-2,3,4,5,6,8} bits)"
