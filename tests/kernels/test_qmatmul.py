@@ -197,6 +197,134 @@ def test_gpu_split_k_drain_graph_replays(drain, M, monkeypatch):
     assert not buf.any() and not cnt.any(), "split-K workspace not left zeroed"
 
 
+def test_cluster_rule(monkeypatch):
+    """Which one-row launches sum their K splits across a thread-block cluster (EMBER_CLUSTER=1): 2-8 or 16 splits,
+    one row, compute capability 9.0 and newer, never under the interpreter; and the asm instance's width."""
+    from ember.kernels import qmatmul as qm
+
+    launch = lambda splits, bn=256, warps=2: qm.Launch(torch.zeros(splits, 8), bn, warps, 1)  # noqa: E731
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(qm, "_interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert qm.cluster_size(launch(16), 1, cuda) == 0  # off by default
+    monkeypatch.setenv("EMBER_CLUSTER", "1")
+    # up to 8 CTAs, or 16 (H100's non-portable size, the only one Triton's launcher enables)
+    assert [qm.cluster_size(launch(s), 1, cuda) for s in (1, 2, 7, 8, 9, 12, 16, 17)] == [0, 2, 7, 8, 0, 0, 16, 0]
+    assert qm.cluster_size(launch(8), 2, cuda) == 0  # one row only
+    assert qm.cluster_size(launch(8), 1, torch.device("cpu")) == 0
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert qm.cluster_size(launch(8), 1, cuda) == 0
+    monkeypatch.setattr(qm, "_interpreting", lambda: True)
+    assert qm.cluster_size(launch(8), 1, cuda) == 0
+    # each thread holds BN / (32 * warps) sums: the asm takes up to 4 at a time, a divisor of that
+    assert [qm._cpack(launch(2, bn, w)) for bn, w in ((512, 4), (256, 2), (128, 2), (64, 2), (256, 1))] == [4, 4, 2, 1, 4]
+
+
+def test_launch_clusters_relies_on_tritons_launcher(monkeypatch):
+    """qmatmul._launch_clusters sets num_ctas in a compiled kernel's packed launch metadata. That works because
+    the installed Triton packs (num_warps, num_ctas, shared) and its launcher reads num_ctas at every launch to
+    ask for clusters and multiply gridX: checked here against Triton's own code, since a change there would
+    silently launch the CTAs without clusters."""
+    import collections
+    import pathlib
+
+    from triton.backends.nvidia import compiler as nv_compiler
+
+    from ember.kernels import qmatmul as qm
+
+    meta = collections.namedtuple("Meta", "num_warps num_ctas shared")(2, 1, 512)
+    assert nv_compiler.CUDABackend.pack_metadata(None, meta) == (2, 1, 512)
+    src = "".join(p.read_text() for p in pathlib.Path(nv_compiler.__file__).parent.glob("driver.*")
+                  if p.suffix in (".py", ".c"))
+    assert "gridX * num_ctas" in src and "CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION" in src
+
+    class Compiled:
+        packed_metadata = (2, 1, 512)
+
+    class Kernel:
+        def warmup(self, *args, grid, **kw):
+            self.seen = (args, grid, kw)
+            return compiled
+
+    compiled, kernel = Compiled(), Kernel()
+    qm._launch_clusters(kernel, (1, 2), (1, 16, 1), {"BN": 256}, 8)
+    assert compiled.packed_metadata == (2, 8, 512) and kernel.seen == ((1, 2), (1, 16, 1), {"BN": 256})
+
+
+@pytest.mark.parametrize("ranks,pack", [(2, 4), (3, 2), (16, 1)])
+def test_cluster_sum_ptx(ranks, pack):
+    """The PTX of one cluster-sum instance: a buffer of pack floats a thread, one vector store, a barrier pair
+    before and after, one mapa + one vector load + pack adds per rank."""
+    from ember.kernels.qmatmul_store import cluster_sum_constraints, cluster_sum_ptx
+
+    ptx = cluster_sum_ptx.fn(ranks, pack, 64)
+    vec = f".v{pack}" if pack > 1 else ""
+    assert f".b32 ember_cl[{64 * pack}];" in ptx and f"mad.lo.u32 a, tid, {4 * pack}, a;" in ptx
+    assert ptx.count(f"st.shared{vec}.f32 [a]") == 1
+    assert ptx.count("barrier.cluster.arrive.release.aligned;") == 2
+    assert [ptx.count(f"mapa.shared::cluster.u32 ra, a, {r};") for r in range(ranks)] == [1] * ranks
+    assert ptx.count(f"ld.shared::cluster{vec}.f32") == ranks and ptx.count("add.f32") == ranks * pack
+    assert cluster_sum_constraints.fn(pack).split(",") == ["=r"] * pack + ["r"] * pack
+
+
+def test_cluster_kernel_compiles_for_sm90():
+    """The one-row kernel with its splits summed across a cluster, compiled for sm_90 by Triton's own ptxas
+    (scripts/sass_check.py, no GPU; a separate process, since this one runs the kernels interpreted): the PTX is
+    accepted and has the cluster barriers and one shared::cluster load per rank."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.getcwd())
+    dump = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"ember-cluster-{os.getpid()}.sass")
+    r = subprocess.run([sys.executable, "scripts/sass_check.py", "--bits", "4", "--bn", "256", "--warps", "2",
+                        "--uniform", "--cluster", "4", "--epi", "norm,resid", "--dump", dump],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(dump) as f:
+        sass = f.read()
+    os.remove(dump)
+    assert sass.count("UCGABAR_ARV") == 2 and sass.count("LD.E.128") == 4, "cluster exchange missing"
+    assert "ATOMG" not in sass and "F32x4" not in sass, "split-K atomics left"  # (the residual's sum of
+    # squares is one scalar reduction a row, REDG.E.ADD.F32)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("spec,N,tiles", [
+    ([(64 * 32, 4, 128)], 1024, 2),  # 16 splits
+    ([(64 * 10, 3, 64)], 1024, 2),  # 5 splits, 3 bits
+    ([(512, 5, 128), (1024, 4, 128), (512, 3, 128)], 1024, 8),  # mixed widths: 4 splits
+    ([(64 * 8, 8, 64)], 1024, 4),  # 2 splits, 8 bits (the fp32 decode)
+], ids=["b4_s16", "b3_s5", "mixed_s4", "b8_s2"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gpu_cluster_splits(spec, N, tiles, dtype, monkeypatch):
+    """EMBER_CLUSTER=1: the splits of a column block are one thread-block cluster summing in distributed
+    shared memory; the plain product, each fused epilogue, and a CUDA graph replayed with new inputs."""
+    from ember.kernels.qmatmul import cluster_size
+
+    monkeypatch.setenv("EMBER_CLUSTER", "1")
+    qt = make_qt(spec, N, seed=11)
+    plan = make_plan(qt, tiles)
+    splits = plan.modes["gemv"].splits
+    assert cluster_size(plan.modes["gemv"], 1, torch.device("cuda")) == splits > 1
+    check(qt, 1, dtype, tiles=tiles)
+    for kind in ("norm", "resid", "glu"):
+        check_epilogue(qt, 1, dtype, kind, tiles=tiles, monkeypatch=monkeypatch)
+    x = torch.randn(1, qt.in_features, device="cuda", dtype=dtype)
+    out = torch.empty(1, N, device="cuda", dtype=dtype)
+    qmatmul(x, qt, out=out, plan=plan)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        qmatmul(x, qt, out=out, plan=plan)
+    w = dequantize(qt).cuda().T
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        ref = x.float() @ w
+        assert ((out.float() - ref).norm() / ref.norm()) < TOL
+
+
 @pytest.mark.parametrize("case", ["many_rows", "glu_halves_do_not_fit", "bias"])
 def test_fused_epilogue_fallbacks(case):
     """Where the kernel cannot fold it (dequantize + cuBLAS rows, I not a multiple of BN/2, a bias), the
