@@ -15,10 +15,11 @@ import triton.language as tl
 @triton.constexpr_function
 def cluster_sum_ptx(ranks, pack, threads):
     """PTX of one inline-asm instance of cluster_sum: `pack` fp32 values of this thread ($pack..$2pack-1) -> their
-    sums over the cluster's `ranks` CTAs ($0..$pack-1). The block declares its own shared buffer, `pack`
-    floats for each of the CTA's `threads` threads, the same in every CTA since they all run this code. Barrier, then each rank's slot through mapa + ld.shared::cluster
-    (every CTA sums all ranks, its own included: same order, same sums), then a second barrier so that no CTA
-    leaves, freeing its shared memory, while another still reads it."""
+    sums over the cluster's `ranks` CTAs ($0..$pack-1). The block declares its own shared buffer, `pack` floats
+    for each of the CTA's `threads` threads, the same in every CTA since they all run this code. A cluster
+    barrier, then each rank's slot through mapa + ld.shared::cluster (every CTA sums all ranks, its own included:
+    same order, same sums), then a second barrier so that no CTA leaves, freeing its shared memory, while
+    another still reads it."""
     outs = [f"${i}" for i in range(pack)]
     ins = "{" + ", ".join(f"${pack + i}" for i in range(pack)) + "}" if pack > 1 else f"${pack}"
     tmp = [f"t{i}" for i in range(pack)]
@@ -52,8 +53,8 @@ def cluster_sum_constraints(pack):
 @triton.jit
 def cluster_sum(acc, RANKS: tl.constexpr, PACK: tl.constexpr, THREADS: tl.constexpr):
     """acc (BM, BN) fp32, this CTA's partial sums -> their sum over the RANKS CTAs of its thread-block cluster,
-    in every CTA; PACK values per asm instance (it must divide each thread's share of acc: qmatmul._cpack), THREADS
-    threads a CTA.
+    in every CTA; PACK values per asm instance (it must divide each thread's share of acc: qmatmul._cpack),
+    THREADS threads a CTA.
     Plain Triton 3.6 cannot express a cross-CTA sum (scripts/probe_cluster_reduce.py), hence the PTX."""
     return tl.inline_asm_elementwise(cluster_sum_ptx(RANKS, PACK, THREADS), cluster_sum_constraints(PACK), [acc],
                                      dtype=tl.float32, is_pure=False, pack=PACK)
@@ -77,8 +78,8 @@ def _operands(offs_m, m_mask, offs_n, n_mask, ss_in_ptr, res_ptr, stride_rm, gam
 
 @triton.jit
 def _finish(y, offs_m, m_mask, offs_n, n_mask, N, out_ptr, stride_om, ss_in_ptr, eps, res_ptr, stride_rm,
-            gamma_ptr, ss_out_ptr, ss, res, gamma, pid_n, BM: tl.constexpr, BN: tl.constexpr, NORM_IN: tl.constexpr,
-            RESID: tl.constexpr, GLU: tl.constexpr, LOADED: tl.constexpr):
+            gamma_ptr, ss_out_ptr, ss, res, gamma, pid_n, BM: tl.constexpr, BN: tl.constexpr,
+            NORM_IN: tl.constexpr, RESID: tl.constexpr, GLU: tl.constexpr, LOADED: tl.constexpr):
     """Store the finished (BM, BN) fp32 sums y of a tile, with the steps of kernels/epilogue.py (LOADED: ss,
     res, gamma are `_operands`' loads, else they are loaded here, each where it is first needed):
     NORM_IN: x was h * gamma of un-normalized rows h: times the RMSNorm's 1/rms = rsqrt(mean(h^2) + eps);
@@ -157,7 +158,8 @@ def store_tile(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_ma
             if not EPI_EARLY:
                 ss, res, gamma = 0.0, 0.0, 0.0  # loaded by _finish
             _finish(total, offs_m, m_mask, offs_n, n_mask, N, out_ptr, stride_om, ss_in_ptr, eps, res_ptr,
-                    stride_rm, gamma_ptr, ss_out_ptr, ss, res, gamma, pid_n, BM, BN, NORM_IN, RESID, GLU, EPI_EARLY)
+                    stride_rm, gamma_ptr, ss_out_ptr, ss, res, gamma, pid_n, BM, BN, NORM_IN, RESID, GLU,
+                    EPI_EARLY)
             if DRAIN:
                 tl.store(cnt, 0)  # seen by the next launch (kernel boundary); a store needs no reply
             else:
