@@ -36,7 +36,8 @@
 #   tile configs on prompt-sized matmuls against dequantize + cuBLAS (scripts/sweep_qgemm.py, QGEMM_ARGS);
 #   cluster: clusters of CTAs summing through distributed shared memory against the split-K atomics and counter
 #   (scripts/probe_cluster_launch.py, CLUSTER_ARGS).
-#   qtests takes QTEST_K (a pytest -k) and QTEST_TIMEOUT.
+#   qtests takes QTEST_K (a pytest -k) and QTEST_TIMEOUT; QUICK_TIMEOUT / AB_TIMEOUT limit each quick / ab arm (s),
+#   so that an arm that hangs (a new kernel path) does not take the call's other arms with it.
 #   (`core` and `noqm` are accepted for the commands of earlier rounds: core = without full, noqm = no table;
 #   nogptq: bench8b without ember's run of the GPTQ folder.)
 #
@@ -91,7 +92,7 @@ bench() {  # ember bench ... -> one JSON line appended to bench.jsonl
 }
 ab8b() {  # ab8b TAG FILE [VAR=value ...]: the 8B decode row of an A/B arm, prefixed with TAG, into $OUT/FILE
   local tag=$1 file=$2; shift 2
-  env "$@" python3 -m ember.cli bench --json -q --synthetic llama3-8b --bpw ${AB_BPW:-4.0} --head-bits 8 \
+  env "$@" timeout ${AB_TIMEOUT:-600} python3 -m ember.cli bench --json -q --synthetic llama3-8b --bpw ${AB_BPW:-4.0} --head-bits 8 \
     --prompt-len 512 --gen-len ${AB_GEN:-128} ${AB_SEQ:+--max-seq-len $AB_SEQ} ${AB_BATCH:+--batch $AB_BATCH} \
     ${AB_ACT:+--act-order} \
     2>>"$OUT/bench_err.log" | tail -1 \
@@ -132,7 +133,8 @@ qtables() {  # the batch-1 qmatmul table (qtable: every batch), once per QUICK_A
     e=; f="$OUT/qmatmul.txt"
     [ "$arm" = default ] || { e=${arm//,/ }; f="$OUT/qmatmul_${arm//[=,]/_}.txt"; }
     log "qmatmul, arm $arm"
-    env $e python3 scripts/bench_qmatmul.py $(has qtable || echo --quick) ${QUICK_ARGS:-} 2>&1 | tail -60 > "$f"
+    env $e timeout ${QUICK_TIMEOUT:-600} python3 scripts/bench_qmatmul.py $(has qtable || echo --quick) ${QUICK_ARGS:-} 2>&1 \
+      | tail -60 > "$f"
     grep -E "^ *(14336|4096 x 28672)" "$f"
   done
 }
