@@ -25,7 +25,7 @@
 #   pdl: each EMBER_PDL mode (kernels/pdl.py); profile: per-kernel GPU time and prefill host overhead
 #   (scripts/profile_decode.py); gprofile: the graph-replayed step's kernel timeline (scripts/profile_graph.py),
 #   once per PROFILE_ARMS entry (VAR=value[,VAR=value]); sweep: batch-1 qmatmul launch configs (SWEEP_WIDTHS, SWEEP_SHAPES,
-#   SWEEP_ARGS); prefillgemm: prefill-sized matmuls; overlap: prefill matmuls with the dequant kernel on a
+#   SWEEP_ARGS; SWEEP_ENV=VAR=value[,VAR=value] sets switches for it, e.g. EMBER_CLUSTER=1); prefillgemm: prefill-sized matmuls; overlap: prefill matmuls with the dequant kernel on a
 #   second stream (scripts/bench_prefill_overlap.py, OVERLAP_ARGS, once per OVERLAP_ENVS entry);
 #   ember70b: bench70b without ExLlamaV2 (B70_BPW: the widths, default "4.0 2.5"); fp8: the bench8b rows with
 #   --fp8-prefill (the prompt's matmuls on fp8 tensor cores); gemvfixed: the batch-1 GEMV's fixed cost per launch
@@ -243,8 +243,10 @@ if has pprofile; then  # one eager prefill's GPU time by kernel (scripts/profile
   done
 fi
 if has sweep; then
-  log "qmatmul sweep"
-  python3 scripts/sweep_qmatmul.py --widths ${SWEEP_WIDTHS:-4} --shapes ${SWEEP_SHAPES:-4096x6144,4096x4096,14336x4096} \
+  log "qmatmul sweep${SWEEP_ENV:+ ($SWEEP_ENV)}"
+  sweep_env=${SWEEP_ENV:-}
+  env ${sweep_env//,/ } python3 scripts/sweep_qmatmul.py --widths ${SWEEP_WIDTHS:-4} \
+    --shapes ${SWEEP_SHAPES:-4096x6144,4096x4096,14336x4096} \
     ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/sweep.txt" | tail -12
 fi
 if has overlap; then  # prefill matmuls: dequantize the next weight on a second stream beside cuBLAS
