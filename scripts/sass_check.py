@@ -22,7 +22,6 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ember.kernels.qmatmul import Launch, _cpack
 from ember.kernels.qmatmul_kernels import qmatmul_kernel
 
 SIGNATURE = {
@@ -41,11 +40,9 @@ def compile_kernel(args) -> tuple[str, str, str, int]:
     widths = sum(1 << int(b) for b in args.bits.split(","))
     epi = set(args.epi.split(",")) if args.epi else set()
     const = dict(BM=16 if args.dot else 1, BN=args.bn, WIDTHS=widths, USE_DOT=args.dot, HAS_ZEROS=args.zeros,
-                 HAS_PERM=args.zeros, HAS_G32=args.zeros, ATOMIC=not args.cluster, DOT_DT=tl.float16, PDL=args.pdl,
+                 HAS_PERM=args.zeros, HAS_G32=args.zeros, ATOMIC=True, DOT_DT=tl.float16, PDL=args.pdl,
                  H2=0 if args.dot else args.h2, NORM_IN="norm" in epi, RESID="resid" in epi, GLU="glu" in epi,
-                 STAGES=args.stages, EVEN_N=args.even, EPI_EARLY=args.epi_early, UNIFORM=args.uniform,
-                 DRAIN=args.drain, CLUSTER=args.cluster, CPACK=_cpack(Launch(None, args.bn, args.warps, 1)),
-                 CTHREADS=32 * args.warps if args.cluster else 0)
+                 STAGES=args.stages, EVEN_N=args.even, EPI_EARLY=args.epi_early, UNIFORM=args.uniform)
     sig = dict(SIGNATURE, **{k: "constexpr" for k in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in ALIGNED}
     k = triton.compile(ASTSource(fn=qmatmul_kernel, signature=sig, constexprs=const, attrs=attrs),
@@ -96,9 +93,6 @@ def main() -> None:
     p.add_argument("--even", action="store_true", help="N a multiple of the column block (no column masks)")
     p.add_argument("--epi-early", action="store_true", help="the epilogue's operands loaded before the atomics")
     p.add_argument("--uniform", action="store_true", help="one segment: split metadata computed, not read")
-    p.add_argument("--cluster", type=int, default=0,
-                   help="K splits summed across a thread-block cluster of this many CTAs (0: atomics, default)")
-    p.add_argument("--drain", type=int, default=0, help="split-K read-back: 1 vector load, 0 exchanges (default)")
     p.add_argument("--maxnreg", type=int, default=0, help="register cap per thread (Triton's maxnreg; 0: none)")
     p.add_argument("--dump", help="also write the whole SASS to this file")
     args = p.parse_args()

@@ -78,9 +78,9 @@ def _switches() -> dict:
     from ember.engine.runner import async_decode, step_kernels
     from ember.kernels import ops
     from ember.kernels.attention_decode import EARLY_MERGE_SCALE, MIN_SPLIT_TOKENS, early_enabled
-    from ember.kernels.qmatmul import (DEFAULTS, WIDE_STAGES, _cluster_on, _drain, _epi_early, _even_n_on,
-                                       _glu_on, _pdl_all, _preperm_on, _qgemm_on, _rotate_mm_on, _uniform_on,
-                                       _use_tuned, gemv_maxnreg, mixed_maxnreg)
+    from ember.kernels.qmatmul import (DEFAULTS, WIDE_STAGES, _epi_early, _even_n_on, _glu_on, _pdl_all,
+                                       _preperm_on, _qgemm_on, _rotate_mm_on, _uniform_on, _use_tuned, gemv_maxnreg,
+                                       mixed_maxnreg)
     from ember.kernels.qmatmul_kernels import ROW_SUM
 
     env = os.environ.get
@@ -91,8 +91,7 @@ def _switches() -> dict:
                 ember_gemv_wide_stages=int(env("EMBER_GEMV_WIDE_STAGES") or WIDE_STAGES),
                 ember_even_n=int(_even_n_on()), ember_async_decode=int(async_decode()),
                 ember_attn_early=int(early_enabled()), ember_attn_min_split=MIN_SPLIT_TOKENS,
-                ember_attn_merge_scale=EARLY_MERGE_SCALE, ember_epi_early=int(_epi_early()), ember_drain=_drain(),
-                ember_cluster=int(_cluster_on()),
+                ember_attn_merge_scale=EARLY_MERGE_SCALE, ember_epi_early=int(_epi_early()),
                 ember_step_kernels=int(step_kernels()), ember_tuned=int(_use_tuned()),
                 ember_pdl_all=int(_pdl_all()), ember_uniform=int(_uniform_on()),
                 ember_row_sum=int(ROW_SUM.value),

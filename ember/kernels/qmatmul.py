@@ -326,25 +326,14 @@ def _epi_early() -> bool:
     return os.environ.get("EMBER_EPI_EARLY", "1") != "0"
 
 
-def _drain() -> int:
-    """EMBER_DRAIN: how the last split of a column block reads the split-K sums back (qmatmul_store.store_tile):
-    1 one vector load a thread and a store of zeros, 0 (default until measured on the GPU) one atomic exchange
-    per element; read at every launch (A/B runs)."""
-    return int(os.environ.get("EMBER_DRAIN", "0"))
-
-
 def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int, epi: Epilogue | None = None,
                 permuted: bool = False):
     """permuted: x2 is already in the matrix's permuted input order (the kernel reads it as it is)."""
     M, N = x2.shape[0], qt.out_features
     perm = None if permuted else qt.perm
     glu = epi is not None and epi.glu
-    ctas = 0 if use_dot else cluster_size(launch, M, x2.device)
-    if ctas:  # the splits along x, one cluster each column block (_launch_clusters multiplies x by ctas)
-        grid = (1, triton.cdiv(N, launch.block_n), triton.cdiv(M, block_m))
-    else:
-        grid = (triton.cdiv(N, launch.block_n), launch.splits, triton.cdiv(M, block_m))
-    atomic = launch.splits > 1 and not ctas
+    grid = (triton.cdiv(N, launch.block_n), launch.splits, triton.cdiv(M, block_m))
+    atomic = launch.splits > 1
     if M <= SMALL_ROWS or not atomic:  # (one split stores directly: the workspace is never touched)
         buf, cnt = plan.workspace
     else:  # large "dot" mode split along K: a fresh zeroed workspace
@@ -356,70 +345,20 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int,
     resid = epi is not None and epi.residual is not None
     res = epi.residual if resid else out2
     h2 = 0 if use_dot else _h2_mode(x2)
-    args = (x2, qt.qweight, qt.scales, dummy if qt.qzeros is None else qt.qzeros,
-            dummy if perm is None else perm, launch.meta, out2, buf, buf.view(torch.int32), cnt, M, N, x2.stride(0),
-            out2.stride(0), -1, epi.rms_in if norm_in else buf, epi.eps if epi else 0.0,
-            res, res.stride(0), epi.gamma if resid else buf, epi.rms_out if resid else buf,
-            *(launch.uniform or (0, 0, 0, 0)))
-    kw = dict(BM=block_m, BN=launch.block_n, WIDTHS=plan.widths, USE_DOT=use_dot, HAS_ZEROS=qt.qzeros is not None,
-              HAS_PERM=perm is not None, HAS_G32=plan.has_g32, ATOMIC=atomic, DOT_DT=dot_dt,
-              H2=h2, NORM_IN=norm_in, RESID=resid, GLU=glu,
-              STAGES=1 if use_dot else launch.num_stages, EVEN_N=_even_n(launch, N, glu),
-              EPI_EARLY=atomic and (norm_in or resid) and _epi_early(), UNIFORM=launch.uniform is not None,
-              DRAIN=_drain() if atomic else 0,
-              CLUSTER=ctas, CPACK=_cpack(launch) if ctas else 4, CTHREADS=32 * launch.num_warps if ctas else 0,
-              num_warps=launch.num_warps,
-              num_stages=launch.num_stages,
-              **_maxnreg(plan, use_dot, h2, perm is not None), **_pdl_kwargs(plan, x2.device, h2))
-    if ctas:
-        _launch_clusters(qmatmul_kernel, args, grid, kw, ctas)
-    qmatmul_kernel[grid](*args, **kw)
-
-
-# CTAs a thread-block cluster may hold: up to 8 anywhere (portable), 16 on an H100. Triton's launcher marks the
-# kernel as allowed non-portable sizes for exactly 16, so 9-15 would be refused by the driver.
-CLUSTER_SIZES = (2, 3, 4, 5, 6, 7, 8, 16)
-
-
-def _cluster_on() -> bool:
-    """EMBER_CLUSTER=1: one-row launches of 2-8 or 16 K splits run each column block's splits as one thread-block
-    cluster, summed in distributed shared memory (cluster_size). Off by default: not yet measured on a GPU.
-    Read at every launch (A/B runs)."""
-    return os.environ.get("EMBER_CLUSTER", "0") == "1"
-
-
-def cluster_size(launch: Launch, M: int, device: torch.device) -> int:
-    """CTAs a cluster for a launch of M rows: its split count where EMBER_CLUSTER=1, M == 1, the count is in
-    CLUSTER_SIZES, on a GPU of compute capability 9.0 or newer (never under the interpreter, which has no
-    clusters); else 0 (split-K through global atomics)."""
-    if not (_cluster_on() and M == 1 and launch.splits in CLUSTER_SIZES and device.type == "cuda"):
-        return 0
-    if _interpreting() or torch.cuda.get_device_capability(device)[0] < 9:
-        return 0
-    return launch.splits
-
-
-def _cpack(launch: Launch) -> int:
-    """Sums per inline-asm instance of the cluster sum (qmatmul_store.cluster_sum): each thread holds
-    BN / (32 * warps) of the tile's sums, or a multiple of that where the layout repeats them across warps, so
-    the largest power of two up to 4 that divides it."""
-    per = max(1, launch.block_n // (32 * launch.num_warps))
-    return 4 if per % 4 == 0 else 2 if per % 2 == 0 else 1
-
-
-def _launch_clusters(kernel, args, grid, kw, ctas: int) -> None:
-    """Make `kernel`'s next launches with these arguments run as clusters of `ctas` CTAs along x. The kernel is
-    compiled as usual (num_ctas=1: program ids stay per CTA and no tensor is split across CTAs); Triton's
-    launcher (3.6 to 3.9) reads num_ctas from the compiled kernel's packed metadata (num_warps, num_ctas,
-    shared) at every launch, asks the driver for clusters of that many CTAs and launches gridX * num_ctas of
-    them. So: compile without launching (warmup returns the cached kernel the launch will use), then set
-    num_ctas. A kernel loaded again from Triton's disk cache comes back with 1 and is set again here."""
-    compiled = kernel.warmup(*args, grid=grid, **kw)
-    if hasattr(compiled, "result"):  # compiled asynchronously (Triton's AsyncCompileMode): wait for it
-        compiled = compiled.result()
-    warps, nctas, shared = compiled.packed_metadata
-    if nctas != ctas:
-        compiled.packed_metadata = (warps, ctas, shared)
+    qmatmul_kernel[grid](
+        x2, qt.qweight, qt.scales, dummy if qt.qzeros is None else qt.qzeros,
+        dummy if perm is None else perm, launch.meta, out2, buf, buf.view(torch.int32), cnt, M, N, x2.stride(0),
+        out2.stride(0), -1, epi.rms_in if norm_in else buf, epi.eps if epi else 0.0,
+        res, res.stride(0), epi.gamma if resid else buf, epi.rms_out if resid else buf,
+        *(launch.uniform or (0, 0, 0, 0)),
+        BM=block_m, BN=launch.block_n, WIDTHS=plan.widths, USE_DOT=use_dot, HAS_ZEROS=qt.qzeros is not None,
+        HAS_PERM=perm is not None, HAS_G32=plan.has_g32, ATOMIC=atomic, DOT_DT=dot_dt,
+        H2=h2, NORM_IN=norm_in, RESID=resid, GLU=glu,
+        STAGES=1 if use_dot else launch.num_stages, EVEN_N=_even_n(launch, N, glu),
+        EPI_EARLY=atomic and (norm_in or resid) and _epi_early(), UNIFORM=launch.uniform is not None,
+        num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
+        **_maxnreg(plan, use_dot, h2, perm is not None), **_pdl_kwargs(plan, x2.device, h2))
 
 
 def rotate(x2: torch.Tensor, h: int, inv_perm: torch.Tensor | None = None) -> torch.Tensor:

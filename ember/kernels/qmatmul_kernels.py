@@ -332,11 +332,12 @@ def _loop_dot(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, k
 @triton.jit
 def _split_fields(meta, uni, P1: tl.constexpr, P2: tl.constexpr, UNIFORM: tl.constexpr):
     """(k0, tiles, g, q1row, q2row, srow, kk0) of this program's split: the 8 int32 at `meta` (qmatmul.split_meta),
-    or, UNIFORM (one segment covering K), computed from uni = (tiles a split, tiles of K, g, this split): then the first
+    or, UNIFORM (one segment covering K), computed from uni = (tiles a split, tiles of K, g): then the first
     weight load does not wait for a metadata round trip (which comes from DRAM in a decode step: the weights
     streamed since evict it from L2)."""
     if UNIFORM:
-        tiles, kt, g, s = uni
+        tiles, kt, g = uni
+        s = tl.program_id(1)
         k0 = s * tiles * 64
         nt = tl.minimum(tiles, kt - s * tiles)
         q1row = k0 * P1 // 32
@@ -374,9 +375,8 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
                    HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, ATOMIC: tl.constexpr,
                    DOT_DT: tl.constexpr, PDL: tl.constexpr, H2: tl.constexpr, NORM_IN: tl.constexpr,
                    RESID: tl.constexpr, GLU: tl.constexpr, STAGES: tl.constexpr = 1, EVEN_N: tl.constexpr = False,
-                   EPI_EARLY: tl.constexpr = False, UNIFORM: tl.constexpr = False, DRAIN: tl.constexpr = 0,
-                   CLUSTER: tl.constexpr = 0, CPACK: tl.constexpr = 4, CTHREADS: tl.constexpr = 0):
-    """out (M, N) = x (M, K) @ Wq^T; grid (column blocks, splits, row blocks). WIDTHS: bit b set when width b occurs, so a
+                   EPI_EARLY: tl.constexpr = False, UNIFORM: tl.constexpr = False):
+    """out (M, N) = x (M, K) @ Wq^T; program_id(1) = split. WIDTHS: bit b set when width b occurs, so a
     matrix of one width compiles one loop, a mixed one a runtime branch per width present.
     PDL (pdl.py): 0 off; 1 wait at the start; 2: the one-row path waits after loading its first tile.
     NORM_IN / RESID / GLU: the fused epilogue (_finish). With GLU, W is [gate; up] (N = 2I rows) and column
@@ -384,36 +384,27 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
     outputs is finished in one program; the host makes sure I is a multiple of BN/2.
     EVEN_N: every program's BN columns exist (no column masks: fewer predicated loads and zero fills).
     EPI_EARLY: the epilogue's operands are loaded before the split-K atomics (qmatmul_store.store_tile).
-    DRAIN: how the last split reads the split-K sums back (qmatmul_store.store_tile).
-    CLUSTER (one-row launches, sm_90): the CLUSTER splits of a column block are the CTAs of one thread-block
-    cluster, grid (1, column blocks, 1) launched as clusters of CLUSTER along x (qmatmul._launch_clusters),
-    and their sums meet in distributed shared memory (qmatmul_store.cluster_sum: CPACK values an asm instance,
-    CTHREADS threads a CTA).
     UNIFORM: one segment of width u_bits covers K; the splits are u_tiles blocks of 64 each (u_kt in all), group
     size u_g, and the metadata table is not read (_split_fields)."""
     pdl.launch_dependents(PDL)
     if USE_DOT or PDL == 1:
         pdl.wait(PDL)
-    if CLUSTER:  # the split is the CTA's rank in its cluster
-        pid_n, pid_s = tl.program_id(1), tl.program_id(0)
-    else:
-        pid_n, pid_s = tl.program_id(0), tl.program_id(1)
     if GLU:
         j = tl.arange(0, BN)
         half: tl.constexpr = BN // 2
-        offs_n = pid_n * half + j % half + (j // half) * (N // 2)
+        offs_n = tl.program_id(0) * half + j % half + (j // half) * (N // 2)
         # each half is BN/2 contiguous columns starting at a multiple of 16: vector loads stay possible
         offs_n = tl.max_contiguous(tl.multiple_of(offs_n, 16), 16)
     else:
-        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     if EVEN_N:  # a constant mask: the loads lose their predicates and the zero fills (CS2R) of masked lanes
         n_mask = tl.full((BN,), 1, tl.int1)
     else:
         n_mask = offs_n < N
     offs_m = tl.program_id(2) * BM + tl.arange(0, BM)
     m_mask = offs_m < M
-    meta = meta_ptr + pid_s * 8
-    uni = (u_tiles, u_kt, u_g, pid_s)
+    meta = meta_ptr + tl.program_id(1) * 8
+    uni = (u_tiles, u_kt, u_g)
     if UNIFORM:
         bits = u_bits
     else:
@@ -445,8 +436,8 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
                          ones, BM, BN, 8, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM)
     pdl.wait(PDL)  # a no-op after the first: covers every path before the first global write
     store_tile(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mask, offs_n, n_mask, N,
-               ss_in_ptr, eps, res_ptr, stride_rm, gamma_ptr, ss_out_ptr, pid_n, pid_s, BM, BN, ATOMIC, NORM_IN,
-               RESID, GLU, EPI_EARLY, DRAIN, CLUSTER, CPACK, CTHREADS)
+               ss_in_ptr, eps, res_ptr, stride_rm, gamma_ptr, ss_out_ptr, BM, BN, ATOMIC, NORM_IN, RESID, GLU,
+               EPI_EARLY)
 
 
 @triton.jit
