@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,10 +34,13 @@ import torch
 import triton
 import triton.language as tl
 
+from scripts.bench_qmatmul import graph_time
+
 BN = 256
 WARPS = 2
 THREADS = 32 * WARPS
 MODES = {"none": 0, "global": 1, "cluster": 2}
+LAUNCHES = 50  # back-to-back launches in the timed graph
 
 
 def _cluster_sum_asm(ranks: int, threads: int) -> str:
@@ -119,26 +121,6 @@ def offline(ctas: list[int]) -> None:
         print("  " + " | ".join(ops))
 
 
-def graph_time(fn, launches: int = 50, reps: int = 11) -> float:
-    """Median microseconds per launch over a CUDA graph of `launches` back-to-back launches."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(launches):
-            fn()
-    g.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / launches)
-    return statistics.median(times)
-
-
 def run(ctas: list[int], n: int) -> None:
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(dev)}, triton {triton.__version__}, N = {n}, {BN} columns a CTA, "
@@ -167,7 +149,7 @@ def run(ctas: list[int], n: int) -> None:
                 launch(*args)
                 torch.cuda.synchronize()
                 err = (out - ref).abs().max().item() if mode else float("nan")
-                t = graph_time(lambda: launch(*args))
+                t = graph_time([lambda: launch(*args)] * LAUNCHES) * 1e6  # us per launch
                 print(f"{c:>3} {name:>8} {t:>10.2f} {err:>10.2e}")
             except Exception as e:  # report and go on with the other arms
                 print(f"{c:>3} {name:>8} failed: {type(e).__name__}: {str(e)[:200]}")
