@@ -25,10 +25,7 @@ atomics at every size, 2.17 against 2.14 us a launch at C = 2 and 5.10 against 2
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
-import tempfile
 
 import torch
 import triton
@@ -101,20 +98,15 @@ def offline(ctas: list[int]) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    tools = os.path.join(os.path.dirname(__import__("triton.backends.nvidia").backends.nvidia.__file__), "bin")
+    from scripts.sass_check import disassemble
+
     sig = {"x_ptr": "*fp32", "out_ptr": "*fp32", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32",
            "C": "constexpr", "BN": "constexpr", "MODE": "constexpr", "ASM": "constexpr"}
     for c in ctas:
         const = {"C": c, "BN": BN, "MODE": 2, "ASM": _cluster_sum_asm(c, THREADS)}
         k = triton.compile(ASTSource(fn=reduce_kernel, signature=sig, constexprs=const),
                            target=GPUTarget("cuda", 90, 32), options={"num_warps": WARPS})
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", f.name], capture_output=True,
-                                  text=True).stdout
-            res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], capture_output=True,
-                                 text=True).stdout
+        sass, res = disassemble(k.asm["cubin"])
         ops = [ln.split("*/")[1].strip() for ln in sass.splitlines()
                if any(o in ln for o in ("UCGABAR", "LD.E", "STS", "LDG", "STG"))]
         print(f"triton {triton.__version__}, cluster of {c}: {res.strip().splitlines()[-1].strip()}")

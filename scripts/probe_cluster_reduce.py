@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import tempfile
 
 import triton
@@ -23,6 +22,8 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
+
+from scripts.sass_check import disassemble
 
 BN = 256
 SASS_OPS = ("STS", "LDS", "LD.E", "UCGABAR", "MEMBAR", "FADD", "STG", "LDG")
@@ -51,11 +52,7 @@ def compile_for(ctas: int) -> str:
     sig = {"x_ptr": "*fp32", "out_ptr": "*fp32", "N": "i32", **{k: "constexpr" for k in const}}
     k = triton.compile(GluonASTSource(fn=cluster_sum_kernel, signature=sig, constexprs=const),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 2, "num_ctas": ctas})
-    tools = os.path.join(os.path.dirname(__import__("triton.backends.nvidia").backends.nvidia.__file__), "bin")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
+    sass, _ = disassemble(k.asm["cubin"])
     return "\n".join(line.strip() for line in sass.splitlines() if any(op in line for op in SASS_OPS))
 
 

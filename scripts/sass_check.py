@@ -49,14 +49,20 @@ def compile_kernel(args) -> tuple[str, str, str, int]:
                        target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": args.warps, "num_stages": 2, "launch_pdl": bool(args.pdl),
                                 **({"maxnreg": args.maxnreg} if args.maxnreg else {})})
+    sass, res = disassemble(k.asm["cubin"])
+    return k.asm["ptx"], sass, res, k.metadata.shared  # shared: bytes per program, dynamic included
+
+
+def disassemble(cubin: bytes) -> tuple[str, str]:
+    """(SASS, resource usage) of a compiled kernel, by the nvdisasm and cuobjdump that ship with Triton."""
     tools = os.path.join(os.path.dirname(__import__("triton.backends.nvidia").backends.nvidia.__file__), "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(k.asm["cubin"])
+        f.write(cubin)
         f.flush()
         sass = subprocess.run([os.path.join(tools, "nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
         res = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", f.name], capture_output=True,
                              text=True).stdout
-    return k.asm["ptx"], sass, res, k.metadata.shared  # shared: bytes per program, dynamic included
+    return sass, res
 
 
 def loops(sass: str) -> list[tuple[int, list, str]]:
