@@ -131,7 +131,7 @@ qtables() {  # the batch-1 qmatmul table (qtable: every batch), once per QUICK_A
   local arm e f
   for arm in ${QUICK_ARMS:-default}; do
     e=; f="$OUT/qmatmul.txt"
-    [ "$arm" = default ] || { e=${arm//,/ }; f="$OUT/qmatmul_${arm//[=,]/_}.txt"; }
+    [ "$arm" = default ] || { e=${arm//,/ }; f="$OUT/qmatmul_${arm//[=,\/:]/_}.txt"; }
     log "qmatmul, arm $arm"
     env $e timeout ${QUICK_TIMEOUT:-600} python3 scripts/bench_qmatmul.py $(has qtable || echo --quick) ${QUICK_ARGS:-} 2>&1 \
       | tail -60 > "$f"

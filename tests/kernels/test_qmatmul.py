@@ -529,3 +529,44 @@ def test_uniform_splits_equal_the_metadata_table(bits, tiles, monkeypatch):
     ref = x.float() @ dequantize(qt).to(DEV).T
     assert ((outs["1"][1].float() - ref).norm() / ref.norm()) < TOL
     assert make_plan(make_qt(MIXED[:2], 16), tiles).modes["gemv"].uniform is None  # two segments: the table
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("cfg", ["32/1/4/1", "32/1/2/2", "64/2/8/1"])
+def test_k_groups_in_the_program(bits, cfg, monkeypatch):
+    """EMBER_GEMV_KG=bn/warps/kg/splits: the one-row loop stacks kg blocks of 64 a step over the program's threads
+    (qmatmul_kernels._loop_fma_kg): one split (the rows summed in the program, a direct store) or several (split-K
+    on top), fp16 (packed halves) and bf16 (fp32 decode), N not a multiple of the column block. The launch keeps
+    kg = 1 where the loop does not apply (zero points, a permutation, groups of 32, a K that is not whole steps):
+    still the right product."""
+    monkeypatch.setenv("EMBER_GEMV_KG", cfg)
+    kg = int(cfg.split("/")[2])
+    qt = make_qt([(64 * 8, bits, 128)], 72, seed=bits)
+    assert make_plan(qt).modes["gemv"].kg == kg
+    monkeypatch.setenv("EMBER_GEMV_KG", "1024:" + cfg)  # only for matrices of 1024 inputs
+    assert make_plan(qt).modes["gemv"].kg == 1
+    monkeypatch.setenv("EMBER_GEMV_KG", "512:" + cfg)
+    for dtype in (torch.float16, torch.bfloat16):
+        check(qt, 1, dtype)
+    check(make_qt([(64 * 8, bits, 64)], 40, asym=True, use_perm=True), 1, torch.float16)
+    check_epilogue(qt, 1, torch.float16, "resid", monkeypatch=monkeypatch)  # the direct store's epilogue
+    for spec in ([(64 * 8, bits, 32)], [(64 * 6, bits, 64)] if kg > 2 else [(64 * 7, bits, 64)]):
+        qt = make_qt(spec, 40)
+        assert make_plan(qt).modes["gemv"].kg == 1
+        check(qt, 1, torch.float16)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("bits", [2, 4, 8], ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("cfg", ["32/16/32/1", "32/8/16/1", "64/8/16/2", "32/4/8/3"])
+def test_gpu_k_groups_in_the_program(bits, cfg, monkeypatch):
+    """_loop_fma_kg on the GPU (packed halves in PTX, PDL's first step before the wait): K = 64 x 96, the
+    configs measured for the down projection, fp16 and bf16, and a fused epilogue (the residual add)."""
+    monkeypatch.setenv("EMBER_GEMV_KG", cfg)
+    qt = make_qt([(64 * 96, bits, 128)], 1000, seed=bits)
+    assert make_plan(qt).modes["gemv"].kg == int(cfg.split("/")[2])
+    for dtype in (torch.float16, torch.bfloat16):
+        check(qt, 1, dtype)
+        check(qt, 2, dtype)  # two one-row programs a column block (grid z)
+    check_epilogue(qt, 1, torch.float16, "resid", monkeypatch=monkeypatch)
