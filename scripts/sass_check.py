@@ -42,8 +42,7 @@ def compile_kernel(args) -> tuple[str, str, str, int]:
     const = dict(BM=16 if args.dot else 1, BN=args.bn, WIDTHS=widths, USE_DOT=args.dot, HAS_ZEROS=args.zeros,
                  HAS_PERM=args.zeros, HAS_G32=args.zeros, ATOMIC=args.splits, DOT_DT=tl.float16, PDL=args.pdl,
                  H2=0 if args.dot else args.h2, NORM_IN="norm" in epi, RESID="resid" in epi, GLU="glu" in epi,
-                 STAGES=args.stages, EVEN_N=args.even, EPI_EARLY=args.epi_early, UNIFORM=args.uniform,
-                 KG=args.kg)
+                 STAGES=args.stages, EVEN_N=args.even, EPI_EARLY=args.epi_early, UNIFORM=args.uniform)
     sig = dict(SIGNATURE, **{k: "constexpr" for k in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in ALIGNED}
     k = triton.compile(ASTSource(fn=qmatmul_kernel, signature=sig, constexprs=const, attrs=attrs),
@@ -100,7 +99,6 @@ def main() -> None:
     p.add_argument("--even", action="store_true", help="N a multiple of the column block (no column masks)")
     p.add_argument("--epi-early", action="store_true", help="the epilogue's operands loaded before the atomics")
     p.add_argument("--uniform", action="store_true", help="one segment: split metadata computed, not read")
-    p.add_argument("--kg", type=int, default=1, help="blocks of 64 a step over the program (_loop_fma_kg; default 1)")
     p.add_argument("--no-split", dest="splits", action="store_false", help="one split: direct store, no atomics")
     p.add_argument("--maxnreg", type=int, default=0, help="register cap per thread (Triton's maxnreg; 0: none)")
     p.add_argument("--dump", help="also write the whole SASS to this file")

@@ -60,7 +60,6 @@ class Launch:
     # (tiles a split, tiles of K, group size, bits) when one segment covers K: the kernel computes each split's
     # row of `meta` instead of reading it (qmatmul_kernels._split_fields)
     uniform: tuple[int, int, int, int] | None = None
-    kg: int = 1  # blocks of 64 a step of the one-row loop, spread over the program (qmatmul_kernels._loop_fma_kg)
 
     @property
     def splits(self) -> int:
@@ -162,11 +161,6 @@ def _launch(segments, K: int, N: int, mode: str, device: torch.device, tiles: in
             stages = int(os.environ.get("EMBER_GEMV_WIDE_STAGES") or WIDE_STAGES)
         stages = int(os.environ.get("EMBER_GEMV_STAGES") or stages)
         per_sm = int(os.environ.get("EMBER_GEMV_PER_SM") or per_sm)
-    kg = 1
-    kg_env = os.environ.get("EMBER_GEMV_KG", "")  # A/B: "bn/warps/kg/splits", or "K:..." for inputs K only
-    if mode == "gemv" and config is None and kg_env and (":" not in kg_env or int(kg_env.split(":")[0]) == K):
-        bn, warps, kg, splits = (int(v) for v in kg_env.split(":")[-1].split("/"))
-        tiles = tiles or triton.cdiv(triton.cdiv(K // 64, splits), kg) * kg
     if mode == "small" and config is None and os.environ.get("EMBER_SMALL_CFG"):  # A/B: "bn/warps/stages/per_sm"
         bn, warps, stages, per_sm = (int(v) for v in re.split(r"[/,]", os.environ["EMBER_SMALL_CFG"]))
     if tiles is None:  # enough programs to fill the GPU: col blocks * splits ~ per_sm * SMs
@@ -182,9 +176,7 @@ def _launch(segments, K: int, N: int, mode: str, device: torch.device, tiles: in
         k0, k_len, bits, g, qrow, srow = segments[0]
         assert k0 == 0 and qrow == 0 and srow == 0 and k_len == K, segments
         uniform = (tiles, k_len // 64, g, bits)
-    if not (uniform and uniform[3] in (2, 4, 8) and uniform[2] != 32 and tiles % kg == 0 and (K // 64) % kg == 0):
-        kg = 1  # _loop_fma_kg: one plane, no groups of 32, whole steps in every split
-    return Launch(split_meta(segments, tiles).to(device), bn, warps, stages, *bm, uniform=uniform, kg=kg)
+    return Launch(split_meta(segments, tiles).to(device), bn, warps, stages, *bm, uniform=uniform)
 
 
 def make_plan(qt: QuantizedTensor, tiles_per_split: int | None = None,
@@ -363,7 +355,6 @@ def _run_kernel(x2, qt, plan, launch: Launch, out2, use_dot: bool, block_m: int,
         HAS_PERM=perm is not None, HAS_G32=plan.has_g32, ATOMIC=atomic, DOT_DT=dot_dt,
         H2=h2, NORM_IN=norm_in, RESID=resid, GLU=glu,
         STAGES=1 if use_dot else launch.num_stages, EVEN_N=_even_n(launch, N, glu),
-        KG=launch.kg if block_m == 1 and perm is None and qt.qzeros is None else 1,
         EPI_EARLY=atomic and (norm_in or resid) and _epi_early(), UNIFORM=launch.uniform is not None,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,

@@ -102,16 +102,13 @@ def halves(acc, ASM: tl.constexpr):
 
 @triton.jit
 def plane_part_h2(w, w2, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr, P: tl.constexpr, P2: tl.constexpr,
-                  Z: tl.constexpr, HAS_PERM: tl.constexpr, SUM_X: tl.constexpr, ASM: tl.constexpr,
-                  ROWS: tl.constexpr = 0):
+                  Z: tl.constexpr, HAS_PERM: tl.constexpr, SUM_X: tl.constexpr, ASM: tl.constexpr):
     """One block of 64 inputs at kb: first-plane words w (2P, BN) and, when P2 > 0, the second plane lined
     up by plane2_rows (w2, (2P, BN)) -> (lo, hi, sx_lo, sx_hi):
     lo / hi (2P, BN) fp32 = sum of (v - Z) / 16 * x over each word's slots of inputs 0..31 / 32..63, v the
     whole code (first plane + 2^P * second plane); sx_lo / sx_hi: the sums of those inputs (fp32 scalars,
     when SUM_X; for the zero-point correction). x is fp16; ones is the runtime -1 (the fp16 magic built from
-    it stays in a register: with the mask also an immediate, ptxas would re-materialize one per LOP3).
-    ROWS (default 2P): word rows in w; more than 2P stacks several blocks (qmatmul_kernels._loop_fma_kg), kb
-    then being a (ROWS,) tensor such that x_ptr + kb + row is each row's first input."""
+    it stays in a register: with the mask also an immediate, ptxas would re-materialize one per LOP3)."""
     w8 = w >> 8  # slots higher up are taken 8 bits lower (only bits 0..7 of each half are read from w8)
     w2d = w  # (unused for one plane)
     w28 = w
@@ -120,13 +117,12 @@ def plane_part_h2(w, w2, x_ptr, perm_ptr, kb, ones, BN: tl.constexpr, P: tl.cons
         w2d = (w2u << P).to(tl.int32, bitcast=True)
         w28 = ((w2u >> 8) << P).to(tl.int32, bitcast=True)
     magic = ones & 0x64006400
-    NR: tl.constexpr = ROWS if ROWS > 0 else 2 * P
-    acc = tl.zeros((NR, BN), tl.int32)
+    acc = tl.zeros((2 * P, BN), tl.int32)
     sx_lo = 0.0
     sx_hi = 0.0
     for j in tl.static_range(16 // P):
         acc, sx_lo, sx_hi = _slot(acc, w, w8, w2d, w28, x_ptr, x_ptr, perm_ptr, kb, j, 0, magic, sx_lo, sx_hi, P,
-                                  P2, Z, NR, HAS_PERM, SUM_X, False, ASM)
+                                  P2, Z, 2 * P, HAS_PERM, SUM_X, False, ASM)
     lo, hi = halves(acc, ASM)
     return lo, hi, sx_lo, sx_hi
 

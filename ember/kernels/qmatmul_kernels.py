@@ -267,58 +267,6 @@ def _loop_fma(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row, sro
 
 
 @triton.jit
-def _kg_load(q_ptr, s_ptr, t, wrow, blk, inv_g, q1row, srow, kk0, offs_n, n_mask, N, KG: tl.constexpr,
-             R: tl.constexpr):
-    """Step t of _loop_fma_kg: the (KG*R, BN) word tile and each row's group scale (KG*R, BN) fp32."""
-    w = tl.load(q_ptr + (q1row + t * (KG * R) + wrow)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
-    grow = srow + _group(kk0 + (t * KG + blk) * 64, inv_g)
-    s = tl.load(s_ptr + grow[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0.0).to(tl.float32)
-    return w, s
-
-
-@triton.jit
-def _kg_fma(acc, w, s, x_ptr, kb, ones, BN: tl.constexpr, P: tl.constexpr, H2: tl.constexpr, ROWS: tl.constexpr):
-    """acc (ROWS, BN) += the products of one step's stacked blocks (kb: _loop_fma_kg's per-row x offsets)."""
-    Z0: tl.constexpr = 1 << (P - 1)
-    if H2:
-        lo, hi, sx_lo, sx_hi = plane_part_h2(w, w, x_ptr, x_ptr, kb, ones, BN, P, 0, Z0, False, False, H2 == 2, ROWS)
-        acc += (lo + hi) * (16.0 * s)
-    else:
-        lo, hi = _plane_part(w, x_ptr, x_ptr, kb, s, s, ones, BN, P, True, Z0, False, False, False, 0, ROWS)
-        acc += lo * s
-    return acc
-
-
-@triton.jit
-def _loop_fma_kg(x_ptr, q_ptr, s_ptr, k0, nt, g, q1row, srow, kk0, offs_n, n_mask, N, ones, BN: tl.constexpr,
-                 P: tl.constexpr, PDL: tl.constexpr, H2: tl.constexpr, STAGES: tl.constexpr, KG: tl.constexpr):
-    """_loop_fma for one plane (2, 4 or 8 bits; no zero points, permutation or groups of 32) with the K split
-    inside the program (`Launch.kg`): each step stacks KG blocks of 64 into a (KG*2P, BN) word tile whose row u
-    is word row u // KG of block u % KG. With 4-column threads (8 a row of 32 columns) and KG = 4 x warps, the
-    rows a thread owns (u0, u0 + 4*warps, ...) are then the 2P rows of one block. The rows are summed once, at
-    the end (across warps, through shared memory), instead of across programs through split-K's atomics.
-    nt: a multiple of KG (the host's choice of tiles)."""
-    R: tl.constexpr = 2 * P
-    ROWS: tl.constexpr = KG * R
-    u = tl.arange(0, ROWS)
-    blk = u % KG
-    wrow = blk * R + u // KG
-    xoff = blk * 64 + u // KG - u  # the plane decoders read row u's inputs at x_ptr + kb + u (+ field offsets)
-    inv_g = 1.0 / g.to(tl.float32)
-    acc = tl.zeros((ROWS, BN), tl.float32)
-    first = 0
-    if PDL == 2:  # as _loop_fma: the first step's weights are loaded before the wait
-        w, s = _kg_load(q_ptr, s_ptr, 0, wrow, blk, inv_g, q1row, srow, kk0, offs_n, n_mask, N, KG, R)
-        pdl.wait(PDL)
-        acc = _kg_fma(acc, w, s, x_ptr, k0 + xoff, ones, BN, P, H2, ROWS)
-        first = 1
-    for t in tl.range(first, nt // KG, num_stages=STAGES):
-        w, s = _kg_load(q_ptr, s_ptr, t, wrow, blk, inv_g, q1row, srow, kk0, offs_n, n_mask, N, KG, R)
-        acc = _kg_fma(acc, w, s, x_ptr, k0 + t * (KG * 64) + xoff, ones, BN, P, H2, ROWS)
-    return tl.sum(acc, axis=0)[None, :]
-
-
-@triton.jit
 def _codes64(q_ptr, t, q1row, q2row, offs_n, n_mask, N, BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr):
     """(64, BN) float32 2^23 + code of tile t of a split, rows in input order."""
     if P1 == 3:
@@ -406,15 +354,12 @@ def _split_fields(meta, uni, P1: tl.constexpr, P2: tl.constexpr, UNIFORM: tl.con
 def _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, uni, offs_n, n_mask, N, ones,
            BM: tl.constexpr, BN: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, USE_DOT: tl.constexpr,
            HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, DOT_DT: tl.constexpr,
-           PDL: tl.constexpr, H2: tl.constexpr, STAGES: tl.constexpr, UNIFORM: tl.constexpr, KG: tl.constexpr = 1):
-    """The partial sums (BM, BN) of this program's split (_split_fields), width P1 + P2; KG > 1: _loop_fma_kg."""
+           PDL: tl.constexpr, H2: tl.constexpr, STAGES: tl.constexpr, UNIFORM: tl.constexpr):
+    """The partial sums (BM, BN) of this program's split (_split_fields), width P1 + P2."""
     k0, nt, g, q1row, q2row, srow, kk0 = _split_fields(meta, uni, P1, P2, UNIFORM)
     if USE_DOT:
         acc = _loop_dot(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row, q2row,
                         srow, kk0, offs_n, n_mask, N, BM, BN, P1, P2, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT)
-    elif KG > 1:  # BM == 1, one plane
-        acc = _loop_fma_kg(x_ptr + tl.program_id(2) * stride_xm, q_ptr, s_ptr, k0, nt, g, q1row, srow, kk0, offs_n,
-                           n_mask, N, ones, BN, P1, PDL, H2 if P1 != 8 else 0, STAGES, KG)
     else:  # BM == 1
         acc = _loop_fma(x_ptr + tl.program_id(2) * stride_xm, q_ptr, s_ptr, z_ptr, perm_ptr, k0, nt, g, q1row,
                         q2row, srow, kk0, offs_n, n_mask, N, ones, BN, P1, P2, HAS_ZEROS, HAS_PERM,
@@ -430,7 +375,7 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
                    HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_G32: tl.constexpr, ATOMIC: tl.constexpr,
                    DOT_DT: tl.constexpr, PDL: tl.constexpr, H2: tl.constexpr, NORM_IN: tl.constexpr,
                    RESID: tl.constexpr, GLU: tl.constexpr, STAGES: tl.constexpr = 1, EVEN_N: tl.constexpr = False,
-                   EPI_EARLY: tl.constexpr = False, UNIFORM: tl.constexpr = False, KG: tl.constexpr = 1):
+                   EPI_EARLY: tl.constexpr = False, UNIFORM: tl.constexpr = False):
     """out (M, N) = x (M, K) @ Wq^T; program_id(1) = split. WIDTHS: bit b set when width b occurs, so a
     matrix of one width compiles one loop, a mixed one a runtime branch per width present.
     PDL (pdl.py): 0 off; 1 wait at the start; 2: the one-row path waits after loading its first tile.
@@ -440,8 +385,7 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
     EVEN_N: every program's BN columns exist (no column masks: fewer predicated loads and zero fills).
     EPI_EARLY: the epilogue's operands are loaded before the split-K atomics (qmatmul_store.store_tile).
     UNIFORM: one segment of width u_bits covers K; the splits are u_tiles blocks of 64 each (u_kt in all), group
-    size u_g, and the metadata table is not read (_split_fields).
-    KG > 1 (one row, one plane of 2, 4 or 8 bits): KG blocks a step spread over the program (_loop_fma_kg)."""
+    size u_g, and the metadata table is not read (_split_fields)."""
     pdl.launch_dependents(PDL)
     if USE_DOT or PDL == 1:
         pdl.wait(PDL)
@@ -469,8 +413,7 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
     if (WIDTHS >> 2) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 2:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, uni, offs_n, n_mask, N,
-                         ones, BM, BN, 2, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM,
-                         KG)
+                         ones, BM, BN, 2, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM)
     if (WIDTHS >> 3) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 3:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, uni, offs_n, n_mask, N,
@@ -478,8 +421,7 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
     if (WIDTHS >> 4) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 4:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, uni, offs_n, n_mask, N,
-                         ones, BM, BN, 4, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM,
-                         KG)
+                         ones, BM, BN, 4, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM)
     if (WIDTHS >> 5) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 5:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, uni, offs_n, n_mask, N,
@@ -491,8 +433,7 @@ def qmatmul_kernel(x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, meta_ptr, out_ptr, buf_
     if (WIDTHS >> 8) & 1:  # noqa: SIM102 (constexpr test, then a runtime one)
         if bits == 8:
             acc = _split(x_ptr, stride_xm, offs_m, m_mask, q_ptr, s_ptr, z_ptr, perm_ptr, meta, uni, offs_n, n_mask, N,
-                         ones, BM, BN, 8, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM,
-                         KG)
+                         ones, BM, BN, 8, 0, USE_DOT, HAS_ZEROS, HAS_PERM, HAS_G32, DOT_DT, PDL, H2, STAGES, UNIFORM)
     pdl.wait(PDL)  # a no-op after the first: covers every path before the first global write
     store_tile(acc, out_ptr, stride_om, buf_ptr, ibuf_ptr, cnt_ptr, offs_m, m_mask, offs_n, n_mask, N,
                ss_in_ptr, eps, res_ptr, stride_rm, gamma_ptr, ss_out_ptr, BM, BN, ATOMIC, NORM_IN, RESID, GLU,
