@@ -5,13 +5,21 @@ Why: the split-K reduction costs the standalone down projection (14336x4096) ~1 
 sixteenth session), and plain Triton could not keep a thread's tile whole once K is spread over one program's warps
 (eighteenth session, call W1: scalar x loads, layout conversions through shared memory). Gluon states the layout:
 - words (8, KG, BN) in L3: a thread holds the 8 word rows of one block of 64 inputs for 4 columns (as the shipped
-  loop does), 8 lanes span the 32 columns, the other 4 lanes and the warps span KG blocks of 64;
-- x (8, KG) in a linear layout equal to L3 without its column axis, with the 8 rows in registers first, so each
-  thread reads its 8 inputs as one 16-byte load; `convert_layout(..., assert_trivial=True)` proves no data moves;
+  loop does), BN / 4 lanes span the columns, the other lanes and the warps span KG blocks of 64 (KG: a multiple of
+  warps x 128 / BN);
+- x (8, KG) in L3 without its column axis: the 8 rows sit in one thread's registers, so it reads its 8 inputs as
+  one 16-byte load, and one PRMT makes a pair (x[e], x[e + 32]) (inline PTX, pack=2);
 - the packed-half decode of qmatmul_h2.py (LOP3, two HFMA2 a pair of weights, in inline PTX);
 - after the loop, the KG partial sums are added across lanes and warps once, then stored (SPLIT = 1), or added into
   an fp32 output with atomics (SPLIT > 1; timing only: no counter, no read-back).
+The fifth config field: 0 loads each step's words when it starts; 1 loads the next step's words and scales into
+registers while this one is decoded; S >= 2 keeps S steps (words, scales and x) in flight in a shared-memory ring
+filled by cp.async. Each thread copies and reads back only its own data, so a wait_group is enough (Triton still
+puts barriers around it: 28-36 `BAR.SYNC` in the kernel, offline).
 One width (4 bits), groups of 128, symmetric, fp16 activations, K a multiple of 64 x KG x SPLIT.
+Measured (H100, calls W2-W3, docs/benchmarks.md, eighteenth round): right (rel. error 4.5e-4), but slower than the
+shipped kernel. The best was 15.2-15.3 us against 14.5 us for the down projection, and 28.7 against 24.7 us for
+gate/up. The ring (S >= 2) compiles but has not run on a GPU.
 
     PYTHONPATH=/tmp/t36site:. .venv/bin/python scripts/probe_gluon_gemv.py --offline     # SASS of the loop, no GPU
     python3 scripts/probe_gluon_gemv.py --configs 32/4/16/1,32/8/32/1                  # GPU: check and time
