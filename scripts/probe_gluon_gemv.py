@@ -50,9 +50,9 @@ def _field_asm(j: int) -> str:
     src is the word (fields 0, 1) or the word >> 8 (fields 2, 3), so that each half gives (v - 8) / 16 exactly."""
     s = 4 * j
     if s + 4 <= 10:
-        mask, f, c = (15 << s) | (15 << (s + 16)), 1.0 / (1 << (s + 4)), -(1024.0 + 8 * (1 << s)) / (1 << (s + 4))
-    else:
-        mask, f, c = (15 << (s - 8)) | (15 << (s + 8)), 1.0 / (1 << (s - 4)), -(1024.0 + 8 * (1 << (s - 8))) / (1 << (s - 4))
+        mask, f, c = (15 << s) | (15 << (s + 16)), 2.0 ** -(s + 4), -(1024.0 + 8 * 2 ** s) * 2.0 ** -(s + 4)
+    else:  # the word >> 8: bit s - 8 of each half
+        mask, f, c = (15 << (s - 8)) | (15 << (s + 8)), 2.0 ** -(s - 4), -(1024.0 + 8 * 2 ** (s - 8)) * 2.0 ** -(s - 4)
     return ("{ .reg .b32 p, f, c; mov.b32 f, %d; mov.b32 c, %d; lop3.b32 p, $1, %d, 0x64006400, 0xEA; "
             "fma.rn.f16x2 p, p, f, c; fma.rn.f16x2 $0, p, $2, $3; }" % (_h(f), _h(c), mask))
 
@@ -139,7 +139,7 @@ def gemv_kg_kernel(x_ptr, q_ptr, s_ptr, out_ptr, acc_ptr, N, K, BN: gl.constexpr
     soff = gl.expand_dims(gs, 1) // 2 * N + gl.expand_dims(ns, 0) + n0  # (KG, BN): groups of 128 = 2 blocks
     acc = gl.zeros([8, KG, BN], gl.float32, L3)
     if PREFETCH >= 2:  # a ring of PREFETCH steps in shared memory, filled by cp.async: each thread copies and
-        # later reads only its own words, scales and x, so a wait_group suffices (no barrier)
+        # later reads only its own words, scales and x, so a wait_group would suffice (Triton adds barriers anyway)
         SH3: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0])  # (the stage axis is not in it)
         SH2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
         ring_w = gl.allocate_shared_memory(gl.int32, [PREFETCH, 8, KG, BN], SH3)
@@ -150,8 +150,9 @@ def gemv_kg_kernel(x_ptr, q_ptr, s_ptr, out_ptr, acc_ptr, N, K, BN: gl.constexpr
             _ring_fill(ring_w, ring_s, ring_x, i, gl.minimum(i, ksteps - 1), kstart, q_ptr, s_ptr, x_ptr, N,
                        rows3, cols3, soff, xoff, KG, PREFETCH)
         for t in range(ksteps):
-            _ring_fill(ring_w, ring_s, ring_x, (t + PREFETCH - 1) % PREFETCH, gl.minimum(t + PREFETCH - 1, ksteps - 1),
-                       kstart, q_ptr, s_ptr, x_ptr, N, rows3, cols3, soff, xoff, KG, PREFETCH)
+            ahead = t + PREFETCH - 1
+            _ring_fill(ring_w, ring_s, ring_x, ahead % PREFETCH, gl.minimum(ahead, ksteps - 1), kstart, q_ptr,
+                       s_ptr, x_ptr, N, rows3, cols3, soff, xoff, KG, PREFETCH)
             async_copy.wait_group(PREFETCH - 1)
             st = t % PREFETCH
             w = ring_w.index(st).load(L3)
@@ -205,7 +206,8 @@ def offline(bn: int, warps: int, kg: int, split: int, prefetch: int = 0) -> None
     k = triton.compile(GluonASTSource(fn=gemv_kg_kernel, signature=sig, constexprs=const, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     sass, res = disassemble(k.asm["cubin"])
-    print(f"bn {bn} warps {warps} kg {kg} split {split} prefetch {prefetch}: {res.strip().splitlines()[-1] if res.strip() else ''}")
+    usage = res.strip().splitlines()[-1] if res.strip() else ""
+    print(f"bn {bn} warps {warps} kg {kg} split {split} prefetch {prefetch}: {usage}")
     print("  BAR.SYNC in the kernel:", sass.count("BAR.SYNC"))
     for n, ops, ld in loops(sass):
         if n > 20:
