@@ -22,21 +22,18 @@ shipped kernel. The best was 15.2-15.3 us against 14.5 us for the down projectio
 gate/up. The ring (S >= 2) compiles but has not run on a GPU.
 
     PYTHONPATH=/tmp/t36site:. .venv/bin/python scripts/probe_gluon_gemv.py --offline     # SASS of the loop, no GPU
-    python3 scripts/probe_gluon_gemv.py --configs 32/4/16/1,32/8/32/1                  # GPU: check and time
+    PYTHONPATH=. python3 scripts/probe_gluon_gemv.py --configs 32/4/16/1,32/8/32/1     # GPU: check and time
 """
 from __future__ import annotations
 
 import argparse
-import os
+import re
 import struct
-import sys
 
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def _h(v: float) -> int:
@@ -108,7 +105,7 @@ def _decode_step(acc, w, s, x0, x1, x2, x3):
 
 @gluon.jit
 def _ring_fill(ring_w, ring_s, ring_x, st, t, kstart, q_ptr, s_ptr, x_ptr, N, rows3, cols3, soff, xoff,
-               KG: gl.constexpr, STAGES: gl.constexpr):
+               KG: gl.constexpr):
     """cp.async of step t's words, scales and x (the 64 inputs of each block, as 8 rows x 8 fields) into stage st."""
     k0 = kstart + t * (64 * KG)
     async_copy.async_copy_global_to_shared(ring_w.index(st), q_ptr + (k0 // 8 + rows3) * N + cols3)
@@ -148,11 +145,11 @@ def gemv_kg_kernel(x_ptr, q_ptr, s_ptr, out_ptr, acc_ptr, N, K, BN: gl.constexpr
         ring_x = gl.allocate_shared_memory(gl.float16, [PREFETCH * 8, 8, KG], SHX)
         for i in gl.static_range(PREFETCH - 1):
             _ring_fill(ring_w, ring_s, ring_x, i, gl.minimum(i, ksteps - 1), kstart, q_ptr, s_ptr, x_ptr, N,
-                       rows3, cols3, soff, xoff, KG, PREFETCH)
+                       rows3, cols3, soff, xoff, KG)
         for t in range(ksteps):
             ahead = t + PREFETCH - 1
             _ring_fill(ring_w, ring_s, ring_x, ahead % PREFETCH, gl.minimum(ahead, ksteps - 1), kstart, q_ptr,
-                       s_ptr, x_ptr, N, rows3, cols3, soff, xoff, KG, PREFETCH)
+                       s_ptr, x_ptr, N, rows3, cols3, soff, xoff, KG)
             async_copy.wait_group(PREFETCH - 1)
             st = t % PREFETCH
             w = ring_w.index(st).load(L3)
@@ -196,7 +193,8 @@ def offline(bn: int, warps: int, kg: int, split: int, prefetch: int = 0) -> None
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     import triton
-    from sass_check import disassemble, loops
+
+    from scripts.sass_check import disassemble, loops
 
     sig = {"x_ptr": "*fp16", "q_ptr": "*i32", "s_ptr": "*fp16", "out_ptr": "*fp16", "acc_ptr": "*fp32", "N": "i32",
            "K": "i32"}
@@ -212,7 +210,6 @@ def offline(bn: int, warps: int, kg: int, split: int, prefetch: int = 0) -> None
     for n, ops, ld in loops(sass):
         if n > 20:
             print(f"  loop: {n} SASS instructions; {ops}; {ld}")
-    import re
     print("  global loads:", sorted(set(re.findall(r"LDG\.E[\.\w]*", sass))))
 
 
@@ -228,7 +225,7 @@ def main() -> None:
         for c in cfgs:
             offline(*c)
         return
-    from bench_qmatmul import copy_bandwidth, graph_time, random_qt
+    from scripts.bench_qmatmul import copy_bandwidth, graph_time, random_qt
 
     from ember.kernels.qmatmul import make_plan, qmatmul
     from ember.quant.format import dequantize
@@ -237,7 +234,7 @@ def main() -> None:
     qts = [random_qt(K, N, 4) for _ in range(4)]  # a few matrices, so the graph does not re-read L2
     assert all(q.segments.shape[0] == 1 and int(q.segments[0, 3]) == 128 for q in qts), "needs one 4-bit g128 segment"
     x = torch.randn(1, K, device="cuda").half()
-    nbytes = qts[0].qweight.numel() * 4 + qts[0].scales.numel() * 2 + K * 2 + N * 2
+    nbytes = qts[0].stored_bits() // 8 + K * 2 + N * 2  # as bench_qmatmul.bench_one counts a batch-1 call
     plans = [make_plan(q) for q in qts]
     t_ref = graph_time([lambda q=q, p=p: qmatmul(x, q, plan=p) for q, p in zip(qts, plans)])
     print(f"device {torch.cuda.get_device_name()}; copy {copy_bw / 1e9:.0f} GB/s; {K}x{N} 4 bits, "
