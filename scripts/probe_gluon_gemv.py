@@ -19,7 +19,9 @@ puts barriers around it: 28-36 `BAR.SYNC` in the kernel, offline).
 One width (4 bits), groups of 128, symmetric, fp16 activations, K a multiple of 64 x KG x SPLIT.
 Measured (H100, calls W2-W3, docs/benchmarks.md, eighteenth round): right (rel. error 4.5e-4), but slower than the
 shipped kernel. The best was 15.2-15.3 us against 14.5 us for the down projection, and 28.7 against 24.7 us for
-gate/up. The ring (S >= 2) compiles but has not run on a GPU.
+gate/up. The ring (S >= 2, call X1, nineteenth round) is slower still: 19.2-22.1 us on the down projection at
+32/8/32/1/S, 31-70 us with fewer columns a program. On gate/up (K = 4096: two steps a program, fewer than the ring's
+stages) it gave wrong sums (nan); the cause was not looked into, so main() skips such configs.
 
     PYTHONPATH=/tmp/t36site:. .venv/bin/python scripts/probe_gluon_gemv.py --offline     # SASS of the loop, no GPU
     PYTHONPATH=. python3 scripts/probe_gluon_gemv.py --configs 32/4/16/1,32/8/32/1     # GPU: check and time
@@ -246,6 +248,9 @@ def main() -> None:
         name = "/".join(map(str, cfg))
         if K % (64 * kg * split) or N % bn or kg % (warps * 128 // bn):
             print(f"{name}: skipped (shape)")
+            continue
+        if pf >= 2 and K // (64 * kg * split) < pf:
+            print(f"{name}: skipped (a ring deeper than the program's steps gave wrong sums in X1)")
             continue
         out = torch.empty(N, device="cuda", dtype=torch.float16)
         acc = torch.zeros(N, device="cuda", dtype=torch.float32)
