@@ -214,6 +214,8 @@ def make_plan(qt: QuantizedTensor, tiles_per_split: int | None = None,
 # Split-K workspace per device: fp32 sums and per-block counters, all zero between launches (the last
 # program of each block re-zeroes what it used). Grown only by make_plan, before any graph capture; a grown
 # buffer replaces the old one for new plans while the old one stays alive for graphs that captured it.
+# NOTE: every plan on a device shares it, so two one-row or few-row launches must not run at the same time on
+# different streams (their sums and counters would mix). The engine runs each device's model on one stream.
 _WORKSPACES: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
