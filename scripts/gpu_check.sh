@@ -3,7 +3,7 @@
 #
 #   scripts/gpu_check.sh [smoke] [qtests] [h2] [fuse] [stages] [stagetable] [base] [ab] [async] [bench8b] [quick] [full] [exl2]
 #                        [attn] [gptq8b] [bench70b] [ember70b] [bpw] [batch] [pdl] [profile] [gprofile] [sweep] [prefillgemm] [overlap] [fp8]
-#                        [gemvfixed] [gemvdecode] [pprofile] [qgemm] [cluster] [tests] [testsfirst]
+#                        [gemvfixed] [gemvdecode] [pprofile] [qgemm] [cluster] [readfloor] [tests] [testsfirst]
 #   (default: tests bench8b exl2). Run it under `timeout N` to fit a device call: timeout signals the whole
 #   process group, and on TERM the script stops what it started and still packs $OUT for the return trip.
 # smoke: the engine / model / attention GPU tests first; qtests: the one-row, mixed-width and epilogue
@@ -35,7 +35,8 @@
 #   and the act-order layout (scripts/profile_prefill.py, PPROFILE_ARMS); qgemm: the fused dequantize-GEMM's
 #   tile configs on prompt-sized matmuls against dequantize + cuBLAS (scripts/sweep_qgemm.py, QGEMM_ARGS);
 #   cluster: clusters of CTAs summing through distributed shared memory against the split-K atomics and counter
-#   (scripts/probe_cluster_launch.py, CLUSTER_ARGS).
+#   (scripts/probe_cluster_launch.py, CLUSTER_ARGS); readfloor: a plain streaming read, a copy and gpt-fast's int4
+#   kernel on the bytes of the large 8B matrices, beside ember's batch-1 kernel (scripts/probe_read_floor.py).
 #   qtests takes QTEST_K (a pytest -k) and QTEST_TIMEOUT; QUICK_TIMEOUT / AB_TIMEOUT limit each quick / ab arm (s),
 #   so that an arm that hangs (a new kernel path) does not take the call's other arms with it.
 #   (`core` and `noqm` are accepted for the commands of earlier rounds: core = without full, noqm = no table;
@@ -117,6 +118,10 @@ fi
 if has gemvfixed; then  # batch-1 GEMV: fixed cost per launch and streaming rate, per arm (scripts/probe_gemv_fixed.py)
   log "batch-1 GEMV fixed cost (${FIXED_ARGS:-default arms})"
   python3 scripts/probe_gemv_fixed.py ${FIXED_ARGS:-} 2>&1 | tee "$OUT/gemv_fixed.txt" | grep -E "fixed|28672|Error"
+fi
+if has readfloor; then  # what a plain read, a copy and gpt-fast's int4 kernel reach on one matrix's bytes (context for 75%)
+  log "read floor (scripts/probe_read_floor.py)"
+  timeout 240 python3 scripts/probe_read_floor.py 2>&1 | tee "$OUT/read_floor.txt" | grep -vi warn
 fi
 if has cluster; then  # thread-block clusters for a Triton 3.6 kernel: a DSMEM sum against the shipped split-K reduction
   log "cluster reduction probe (scripts/probe_cluster_launch.py ${CLUSTER_ARGS:-})"
