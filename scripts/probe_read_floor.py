@@ -8,7 +8,7 @@ that L2 never holds them, median of the replays), for the bytes of each matrix:
   program): what a kernel with no decode and no split-K reduction reaches;
 - `copy`: torch's device-to-device copy of the same bytes (read + write counted, as the copy rate counts);
 - `int4mm`: torch._weight_int4pack_mm, the int4 kernel gpt-fast uses, on the same shape at 4 bits (group 128);
-- `ember`: ember's qmatmul at 4 bits, group 128 (as `bench_qmatmul.py --quick`).
+- `ember`: ember's qmatmul at 4 bits, group 128, timed by `bench_qmatmul.bench_one` (the `--quick` table's row).
 Each as a fraction of the 1 GiB copy rate measured in the same run.
 Not run on a GPU yet: written in the nineteenth session, whose device budget then went on starts that found no
 machine. Its read kernel was checked under TRITON_INTERPRET=1 (the sum matches torch's).
@@ -23,9 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from scripts.bench_qmatmul import L2_FLUSH_BYTES, copy_bandwidth, graph_time, random_qt
-
-from ember.kernels.qmatmul import make_plan, qmatmul
+from scripts.bench_qmatmul import L2_FLUSH_BYTES, bench_one, copy_bandwidth, graph_time
 
 
 @triton.jit
@@ -47,7 +45,8 @@ def read_fn(buf: torch.Tensor, out: torch.Tensor, programs: int):
 
 
 def copies(nbytes: int) -> int:
-    return min(15, max(2, L2_FLUSH_BYTES // nbytes))
+    """Distinct buffers a graph: bench_qmatmul.bench_one's rule, so every arm sees L2 as ember's row does."""
+    return min(15, max(1, L2_FLUSH_BYTES // nbytes))
 
 
 def int4mm_fns(K: int, N: int):
@@ -71,8 +70,7 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name()}; copy {bw / 1e9:.0f} GB/s (1 GiB buffers, read + write)")
     for shape in args.shapes.split(","):
         K, N = (int(v) for v in shape.split("x"))
-        qt = random_qt(K, N, 4)
-        nbytes = qt.stored_bits() // 8 + K * 2 + N * 2  # as bench_qmatmul counts a batch-1 call
+        t_ember, nbytes = bench_one(K, N, 4, 1)  # its byte count (weights, x, out) sizes the other arms
         n = copies(nbytes)
         row = {}
         bufs = [torch.randint(-2**31, 2**31 - 1, (nbytes // 4,), dtype=torch.int32, device="cuda") for _ in range(n)]
@@ -90,14 +88,8 @@ def main() -> None:
             del fns
         except Exception as e:  # noqa: BLE001 (an unsupported torch build is reported, the rest goes on)
             print(f"  int4mm: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
-        qts = [qt] + [random_qt(K, N, 4) for _ in range(n - 1)]
-        x = torch.randn(1, K, device="cuda", dtype=torch.float16)
-        plans = [make_plan(q) for q in qts]
-        outs = [torch.empty(1, N, device="cuda", dtype=torch.float16) for _ in qts]
-        t_ember = graph_time([lambda q=q, p=p, o=o: qmatmul(x, q, out=o, plan=p) for q, p, o in zip(qts, plans, outs)])
         row["ember qmatmul"] = nbytes / t_ember
-        del qts, plans, outs
-        print(f"{K}x{N}, {nbytes / 1e6:.1f} MB at 4 bits ({n} copies a graph):")
+        print(f"{K}x{N}, {nbytes / 1e6:.1f} MB at 4 bits ({n} copies a graph; ember as bench_qmatmul.bench_one):")
         for name, rate in row.items():
             print(f"  {name:20s} {rate / 1e9:7.0f} GB/s  {rate / bw:6.1%} of copy")
 
